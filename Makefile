@@ -1,0 +1,32 @@
+# make setup | make demo | make test | make bench
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= runs/demo
+DEMO_EPOCHS ?= 4
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Idempotent: re-running only checks that the pinned packages are present.
+setup: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+
+demo: setup
+	@test -d /usr/share/datasets/fashion-mnist || (echo "Fashion-MNIST missing: run 'apt-get install -y dataset-fashion-mnist'"; exit 2)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/instdisc train fashion-mnist:train --out $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
+	$(BIN)/instdisc compare $(DEMO_DIR) --train fashion-mnist:train --test fashion-mnist:test
+	$(BIN)/instdisc export-encoder $(DEMO_DIR) --out $(DEMO_DIR)/encoder --overwrite
+	$(BIN)/instdisc export-features $(DEMO_DIR)/encoder fashion-mnist:test --out $(DEMO_DIR)/features-test.h5 --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``instdisc`` command line (installed as the package ``instdisc_cli``): thin click commands over the library."""

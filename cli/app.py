@@ -1,0 +1,46 @@
+"""The click group and shared helpers. Covered by tests/test_cli_app.py."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from instdisc.errors import InstdiscError
+
+
+class InstdiscGroup(click.Group):
+    """Turns :class:`InstdiscError` into ``error: <message>`` on stderr and exit status 2 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InstdiscError as e:
+            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            ctx.exit(2)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger("instdisc")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+@click.group(cls=InstdiscGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="instdisc")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """instdisc: memory-bank instance discrimination — train, evaluate (kNN), export."""
+    setup_logging(verbose)
+
+
+def data_options(f):
+    """--data-root and --limit, accepted by every command that reads a dataset."""
+    f = click.option("--limit", type=int, default=None, help="Use a fixed subset of N images (quick trials).")(f)
+    f = click.option("--data-root", type=click.Path(), default=None,
+                     help="Where named datasets' files are (fashion-mnist defaults to "
+                          "/usr/share/datasets/fashion-mnist).")(f)
+    return f

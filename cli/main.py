@@ -1,0 +1,11 @@
+"""Entry point: imports every command module so that each registers itself on the group."""
+from __future__ import annotations
+
+from . import compare, train  # noqa: F401  (each registers its commands)
+from .app import cli
+
+__all__ = ["cli", "main"]
+
+
+def main() -> None:
+    cli(prog_name="instdisc")

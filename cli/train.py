@@ -1,0 +1,57 @@
+"""``instdisc train``. Covered by tests/test_cli_train.py."""
+from __future__ import annotations
+
+import click
+
+from instdisc.train import RECIPES, TrainConfig, train as train_run
+from instdisc.models import list_encoders
+
+from .app import cli, data_options
+
+
+@cli.command("train")
+@click.argument("data")
+@click.option("--out", "out", required=True, type=click.Path(), help="Run directory (checkpoint, config, metrics).")
+@data_options
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="fast", show_default=True,
+              help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
+@click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s].")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Projection head.")
+@click.option("--low-dim", type=int, default=None, help="Embedding dimension (default 128).")
+@click.option("--nce-k", type=int, default=None, help="Negatives K per sample (default 4096).")
+@click.option("--nce-t", type=float, default=None, help="Temperature tau (default 0.07).")
+@click.option("--nce-m", type=float, default=None, help="Bank momentum m (default 0.5).")
+@click.option("--loss", type=click.Choice(["nce", "infonce", "softmax"]), default=None)
+@click.option("--negatives", type=click.Choice(["shared", "per-sample"]), default=None,
+              help="One draw of K for the batch, or K per sample (exact InstDisc).")
+@click.option("--positive", type=click.Choice(["bank", "view"]), default=None,
+              help="The sample's bank slot (InstDisc) or the other view's embedding.")
+@click.option("--in-batch/--no-in-batch", default=None, help="Also use the batch's other views as negatives.")
+@click.option("--z-mode", type=click.Choice(["first-batch", "running"]), default=None, help="NCE normaliser Z.")
+@click.option("--bank-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+@click.option("--bank-init", type=click.Choice(["random", "encoder"]), default=None)
+@click.option("--augment", type=click.Choice(["auto", "batch", "pil"]), default=None)
+@click.option("--epochs", type=int, default=None, help="Epochs (default 10).")
+@click.option("--batch-size", type=int, default=None, help="Batch size (default 256).")
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None)
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--image-size", type=int, default=None, help="Side of the images the encoder sees (folders).")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Drop unreadable images instead of stopping.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast on CUDA.")
+@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes (file datasets).")
+@click.option("--log-every", type=int, default=None)
+@click.option("--save-every", type=int, default=None, help="Also checkpoint every N steps.")
+@click.option("--knn-every", type=int, default=None, help="kNN-evaluate the bank every N epochs (needs --knn-data).")
+@click.option("--knn-data", default=None, help="Labelled held-out dataset for --knn-every.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+def train_cmd(data, out, recipe, resume, **opts):
+    """Train an encoder on DATA (a dataset spec: fashion-mnist:train, cifar10, a folder, filelist:PATH)."""
+    cfg = TrainConfig.from_recipe(recipe, data=data, out=out, **opts)
+    result = train_run(cfg, resume=resume)
+    state = "interrupted (resume with --resume)" if result.interrupted else "done"
+    click.echo(f"{state}: {result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
+               f"run in {result.run_dir}")

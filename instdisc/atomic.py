@@ -1,0 +1,80 @@
+"""Write files so that a crash never leaves a half-written file under its final name.
+
+Covered by tests/test_atomic.py.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import InstdiscError
+
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir"]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write_fn(f)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`; checks free space first."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    check_free_space(Path(path).parent, len(data))
+    atomic_write(path, lambda f: f.write(data))
+
+
+def check_free_space(directory: str | os.PathLike, nbytes: int, margin: float = 1.1) -> None:
+    """Raise InstdiscError when ``directory`` has less than ``nbytes * margin`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes * margin:
+        raise InstdiscError(
+            f"not enough free disk in {directory}: need {nbytes * margin / 2**20:.1f} MiB, have {free / 2**20:.1f} MiB")
+
+
+def check_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and check that files can be created in it."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InstdiscError(f"cannot create output directory {d}: {e.strerror}") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise InstdiscError(f"output directory is not writable: {d}")
+    return d

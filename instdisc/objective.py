@@ -1,0 +1,337 @@
+"""The InstDisc objective: memory bank + normaliser Z + loss. Covered by tests/test_objective.py.
+
+Symbols follow Wu et al. 2018: f = z (B x D, unit rows), bank rows v_j (N x D), K negatives, temperature tau, bank
+momentum m. Every logit is s / tau with s = z . v, computed as (z / tau) . v.
+
+    positive  "bank": s_pos = z_i . v_{idx_i}           (reference code)
+              "view": s_pos = z_i . z_pos_i             (the other augmented view)
+    negatives "per-sample": K slots drawn for every sample, (B, K) indices, s_ik = z_i . v_{n_ik}
+              "shared":     K slots drawn once per batch, (K,) indices, S = z V^T, one matmul
+    loss      "nce":     NCE with Pn = 1/N and the estimated Z (instdisc.losses.nce_loss)
+              "infonce": cross entropy with the positive at column 0 (optionally + in-batch negatives)
+              "softmax": non-parametric softmax over all N slots, logits = z V^T / tau (reference LinearAverage)
+
+Per-sample negatives never build the reference's B x K x D gather (512 MiB at B = 256, K = 4096, D = 128):
+``per_sample_logits`` computes the (B, K) dot products in one fused kernel (the one autograd uses for the gradient
+of ``embedding_bag`` w.r.t. ``per_sample_weights``) and its backward is one ``embedding_bag``,
+grad_zs_i = sum_k g_ik v_{n_ik}. Only the bank (by reference) and the (B, K) indices are kept for backward. For a bank
+stored in another dtype than z, rows are gathered at most GATHER_BLOCK_ROWS at a time and re-gathered in backward.
+
+State changes: the bank only changes in ``update``/``init_bank`` (called explicitly by the training loop after
+``optimizer.step()``). The one exception is the Z estimate: with loss "nce" and ``observe_z=True`` (default),
+``forward`` folds the batch's logits into ``z.log_z`` under no_grad ("first-batch": only while it is unset;
+"running": every call). Pass ``observe_z=False`` for evaluation passes that must not touch the state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from instdisc.bank import MemoryBank
+from instdisc.errors import InstdiscError
+from instdisc.losses import full_softmax_loss, info_nce_loss, nce_loss
+from instdisc.normaliser import NormaliserZ
+
+__all__ = ["Objective", "per_sample_logits", "LOSSES", "NEGATIVES", "POSITIVES", "GATHER_BLOCK_ROWS"]
+
+LOSSES = ("nce", "infonce", "softmax")
+NEGATIVES = ("per-sample", "shared")
+POSITIVES = ("bank", "view")
+GATHER_BLOCK_ROWS = 32768  # tiled per-sample path: bank rows gathered at once (16 MiB at D = 128, float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-sample negatives: (B, K) logits without a B x K x D gather
+# ---------------------------------------------------------------------------------------------------------------
+def _fused_available() -> bool:
+    return hasattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward")
+
+
+def _fused_gather_dot(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Tensor) -> torch.Tensor:
+    """out[i, k] = zs[i] . memory[neg_idx[i, k]] in one kernel, nothing gathered.
+
+    It is the kernel autograd uses for the gradient of ``embedding_bag`` w.r.t. ``per_sample_weights``: for every
+    (bag i, entry k) the dot product of the upstream gradient row i (here zs[i]) with the table row neg_idx[i, k].
+    """
+    b, k = neg_idx.shape
+    flat = neg_idx.reshape(-1)  # B*K
+    offsets = torch.arange(0, b * k, k, device=flat.device)  # B, start of every bag
+    offset2bag = torch.arange(b, device=flat.device).repeat_interleave(k)  # B*K, bag of every entry
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        zs.contiguous(), memory, flat, offsets, offset2bag, 0, -1)  # mode 0 = sum, no padding index
+    return out.view(b, k)
+
+
+def _blocks(b: int, k: int, block_rows: int):
+    """Tiles of the (B, K) index grid holding at most ``block_rows`` entries: (r0, r1, c0, c1).
+
+    K >= block_rows: one batch row per tile, its K columns split; else block_rows // K whole rows per tile."""
+    if k >= block_rows:
+        for r in range(b):
+            for c0 in range(0, k, block_rows):
+                yield r, r + 1, c0, min(k, c0 + block_rows)
+    else:
+        rows = max(1, block_rows // k)
+        for r0 in range(0, b, rows):
+            yield r0, min(b, r0 + rows), 0, k
+
+
+def _tiled_gather_dot(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Tensor,
+                      block_rows: int) -> torch.Tensor:
+    """out[i, k] = zs[i] . memory[neg_idx[i, k]], tile by tile (never more than block_rows gathered rows)."""
+    b, k = neg_idx.shape
+    d = memory.shape[1]
+    out = torch.empty(b, k, dtype=zs.dtype, device=zs.device)  # B x K
+    if out.numel() == 0:
+        return out
+    buf = torch.empty(min(block_rows, b * k), d, dtype=memory.dtype, device=memory.device)  # reused per tile
+    conv = buf if memory.dtype == zs.dtype else torch.empty(buf.shape, dtype=zs.dtype, device=zs.device)
+    on_cpu = zs.device.type == "cpu"
+    for r0, r1, c0, c1 in _blocks(b, k, block_rows):
+        rows, cols = r1 - r0, c1 - c0
+        ids = neg_idx[r0:r1, c0:c1].reshape(-1)  # rows*cols
+        w = torch.index_select(memory, 0, ids, out=buf[: ids.numel()])  # (rows*cols) x D
+        if conv is not buf:
+            w = conv[: ids.numel()].copy_(w)
+        w = w.view(rows, cols, d)  # rows x cols x D
+        if on_cpu:  # matrix-vector per batch row is the fastest CPU kernel for this shape
+            for j in range(rows):
+                torch.mv(w[j], zs[r0 + j], out=out[r0 + j, c0:c1])
+        else:
+            out[r0:r1, c0:c1] = torch.bmm(w, zs[r0:r1, :, None]).squeeze(-1)
+    return out
+
+
+def _tiled_gather_dot_grad(grad: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Tensor,
+                           block_rows: int) -> torch.Tensor:
+    """d loss / d zs[i] = sum_k grad[i, k] memory[neg_idx[i, k]], recomputing each tile's gather -> (B, D)."""
+    b, k = neg_idx.shape
+    d = memory.shape[1]
+    out = torch.zeros(b, d, dtype=grad.dtype, device=grad.device)  # B x D
+    for r0, r1, c0, c1 in _blocks(b, k, block_rows) if k else ():
+        ids = neg_idx[r0:r1, c0:c1].reshape(-1)
+        w = memory.index_select(0, ids).to(grad.dtype).view(r1 - r0, c1 - c0, d)  # rows x cols x D
+        out[r0:r1] += torch.bmm(grad[r0:r1, None, c0:c1], w).squeeze(1)  # rows x D
+    return out
+
+
+class _PerSampleLogits(torch.autograd.Function):
+    """logits[i, k] = zs[i] . memory[neg_idx[i, k]]; gradient w.r.t. zs only (the bank is not a parameter).
+
+    fused=True (bank dtype == zs dtype): forward is one dot-product kernel over the (i, k) pairs, backward one
+    ``embedding_bag`` (weighted row sums, grad_zs[i] = sum_k g[i, k] v_{n_ik}); no gathered rows are ever stored.
+    fused=False: forward gathers at most ``block_rows`` bank rows per tile; backward recomputes each tile's gather.
+    Either way only the bank (by reference) and the indices are saved for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, zs, memory, neg_idx, block_rows, fused):  # noqa: D102 - see class docstring
+        ctx.save_for_backward(memory, neg_idx)  # the version counter catches an in-place bank update before backward
+        ctx.block_rows, ctx.fused = block_rows, fused
+        if neg_idx.numel() == 0:
+            return zs.new_empty(neg_idx.shape)
+        if fused:
+            return _fused_gather_dot(zs.detach(), memory, neg_idx)
+        return _tiled_gather_dot(zs.detach(), memory, neg_idx, block_rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        memory, neg_idx = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_out = grad_out.contiguous()
+        if ctx.fused and neg_idx.numel():
+            grad_zs = F.embedding_bag(neg_idx, memory, mode="sum", per_sample_weights=grad_out)  # B x D
+        else:
+            grad_zs = _tiled_gather_dot_grad(grad_out, memory, neg_idx, ctx.block_rows)
+        return grad_zs, None, None, None, None
+
+
+def per_sample_logits(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Tensor, *,
+                      block_rows: int = GATHER_BLOCK_ROWS, impl: str = "auto") -> torch.Tensor:
+    """(B, K) logits zs[i] . memory[neg_idx[i, k]] with autograd w.r.t. zs, without a B x K x D gather.
+
+    Args:
+        zs: (B, D) queries (z / tau).
+        memory: (N, D) bank, no grad; any float dtype.
+        neg_idx: (B, K) int64 slots.
+        block_rows: tiled path: most bank rows gathered at once (extra memory: block_rows x D).
+        impl: "fused" (needs memory.dtype == zs.dtype), "tiled", or "auto" (fused when possible).
+    """
+    if memory.requires_grad:
+        raise InstdiscError("per_sample_logits: the bank must not require grad")
+    if zs.dim() != 2 or neg_idx.dim() != 2 or neg_idx.shape[0] != zs.shape[0] or memory.shape[1] != zs.shape[1]:
+        raise InstdiscError(f"per_sample_logits: expected zs (B, D), memory (N, D), neg_idx (B, K), got "
+                            f"{tuple(zs.shape)}, {tuple(memory.shape)}, {tuple(neg_idx.shape)}")
+    if int(block_rows) < 1:
+        raise InstdiscError(f"block_rows must be >= 1, got {block_rows}")
+    if impl not in ("auto", "fused", "tiled"):
+        raise InstdiscError(f"unknown impl {impl!r}; expected auto, fused or tiled")
+    can_fuse = memory.dtype == zs.dtype and _fused_available()
+    if impl == "fused" and not can_fuse:
+        raise InstdiscError(f"impl='fused' needs the bank dtype ({memory.dtype}) to equal zs dtype ({zs.dtype})")
+    fused = can_fuse and impl != "tiled"
+    return _PerSampleLogits.apply(zs, memory, neg_idx.to(torch.int64).contiguous(), int(block_rows), fused)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the objective
+# ---------------------------------------------------------------------------------------------------------------
+class Objective(nn.Module):
+    """Memory bank + normaliser Z + loss (see the module docstring for the formulas).
+
+    Args:
+        n_data: N, bank slots (training-set size).
+        dim: D, embedding size.
+        k: K negatives per sample (ignored by loss "softmax"); 1 <= K < N.
+        tau: temperature > 0.
+        m: bank momentum in [0, 1).
+        loss: "nce" | "infonce" | "softmax".
+        negatives: "per-sample" (exact InstDisc estimator) | "shared" (one draw per batch).
+        positive: "bank" (z . v_idx, reference) | "view" (z . z_pos).
+        in_batch: loss "infonce" only: add the other samples of the batch as negatives (z_pos_j for positive
+            "view", z_j for "bank"; samples sharing a slot with i are masked).
+        z_mode, z_momentum: the normaliser Z (loss "nce"); see instdisc.normaliser.
+        bank_dtype: storage dtype of the bank (float32, float64, float16, bfloat16).
+        generator: only used to draw the initial bank rows.
+
+    Buffers (persistent): ``bank.memory`` (N x D), ``z.log_z`` (0-dim float64, nan = unset).
+    """
+
+    def __init__(self, n_data: int, dim: int, *, k: int = 4096, tau: float = 0.07, m: float = 0.5,
+                 loss: str = "nce", negatives: str = "per-sample", positive: str = "bank", in_batch: bool = False,
+                 z_mode: str = "first-batch", z_momentum: float = 0.99, bank_dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise InstdiscError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+        if negatives not in NEGATIVES:
+            raise InstdiscError(f"unknown negatives {negatives!r}; expected one of {', '.join(NEGATIVES)}")
+        if positive not in POSITIVES:
+            raise InstdiscError(f"unknown positive {positive!r}; expected one of {', '.join(POSITIVES)}")
+        n_data, dim, k = int(n_data), int(dim), int(k)
+        if n_data < 2:
+            raise InstdiscError(f"n_data must be >= 2, got {n_data}")
+        if loss != "softmax" and not 1 <= k < n_data:
+            raise InstdiscError(f"k must satisfy 1 <= k < n_data, got k={k} with n_data={n_data}")
+        tau, m = float(tau), float(m)
+        if not (tau > 0.0 and math.isfinite(tau)):
+            raise InstdiscError(f"tau must be a finite number > 0, got {tau}")
+        if not 0.0 <= m < 1.0:
+            raise InstdiscError(f"m must be in [0, 1), got {m}")
+        if in_batch and loss != "infonce":
+            raise InstdiscError(f"in_batch=True needs loss='infonce', got loss={loss!r} (NCE's noise must come from "
+                                f"the uniform bank sampler; softmax already scores every slot)")
+        self.n_data, self.dim, self.k, self.tau, self.m = n_data, dim, k, tau, m
+        self.loss_name, self.negatives, self.positive, self.in_batch = loss, negatives, positive, bool(in_batch)
+        self.bank = MemoryBank(n_data, dim, dtype=bank_dtype, generator=generator)
+        self.z = NormaliserZ(z_mode, z_momentum)
+
+    def extra_repr(self) -> str:
+        return (f"n_data={self.n_data}, dim={self.dim}, k={self.k}, tau={self.tau}, m={self.m}, "
+                f"loss={self.loss_name!r}, negatives={self.negatives!r}, positive={self.positive!r}, "
+                f"in_batch={self.in_batch}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, z: torch.Tensor, idx: torch.Tensor, *, z_pos: torch.Tensor | None = None,
+                generator: torch.Generator | None = None,
+                observe_z: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one batch.
+
+        Args:
+            z: (B, D) unit embeddings (with grad).
+            idx: (B,) int64 bank slots of the samples.
+            z_pos: (B, D) the other view's embeddings; required iff positive == "view".
+            generator: draws the negatives.
+            observe_z: loss "nce" only: update the Z estimate from this batch (see module docstring).
+
+        Returns:
+            (loss, stats) with stats = {"loss", "pos_sim", "neg_sim", "log_z"} as floats: pos_sim is the mean
+            positive cosine z . v (or z . z_pos), neg_sim the mean over the bank negatives (all non-target slots
+            for "softmax"), log_z the current log Z (nan when unset or unused).
+        """
+        idx = self._check_inputs(z, idx, z_pos)
+        memory = self.bank.memory
+        zs = z * (1.0 / self.tau)  # B x D, every logit is zs . v
+        target = memory.index_select(0, idx).to(z.dtype) if self.positive == "bank" else z_pos  # B x D
+        pos = (zs * target).sum(dim=1)  # B
+
+        if self.loss_name == "softmax":
+            logits = zs @ memory.to(z.dtype).T  # B x N
+            if self.positive == "view":
+                logits = logits.scatter(1, idx[:, None], pos[:, None])
+            loss = full_softmax_loss(logits, idx)
+            with torch.no_grad():
+                n_other = max(self.n_data - 1, 1)
+                neg_mean = (logits.sum() - logits.gather(1, idx[:, None]).sum()) / (idx.numel() * n_other)
+        else:
+            neg = self._negative_logits(zs, generator)  # B x K
+            if self.loss_name == "nce":
+                if observe_z:
+                    self.z.observe((pos.detach(), neg.detach()), self.n_data)
+                if not self.z.is_set:
+                    raise InstdiscError("the NCE normaliser Z is unset (log_z is nan); call forward with "
+                                        "observe_z=True at least once or load a checkpoint that has it")
+                loss = nce_loss(pos, neg, self.z.log_z, self.n_data)
+            else:
+                all_neg = neg
+                if self.in_batch:
+                    other = z_pos if self.positive == "view" else z  # B x D
+                    extra = zs @ other.T  # B x B
+                    same = idx[:, None] == idx[None, :]  # B x B, the sample itself and its duplicates
+                    all_neg = torch.cat([neg, extra.masked_fill(same, float("-inf"))], dim=1)  # B x (K + B)
+                loss = info_nce_loss(pos, all_neg)
+            neg_mean = neg.detach().mean()
+
+        values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float()])
+        loss_v, pos_v, neg_v = values.tolist()
+        log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
+        stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z}
+        return loss, stats
+
+    def _negative_logits(self, zs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        memory = self.bank.memory
+        b = zs.shape[0]
+        if self.negatives == "shared":
+            neg_idx = self.bank.sample(b, self.k, mode="shared", generator=generator)  # K
+            v_neg = memory.index_select(0, neg_idx).to(zs.dtype)  # K x D
+            return zs @ v_neg.T  # B x K
+        neg_idx = self.bank.sample(b, self.k, mode="per-sample", generator=generator)  # B x K
+        return per_sample_logits(zs, memory, neg_idx)  # B x K
+
+    def _check_inputs(self, z: torch.Tensor, idx: torch.Tensor, z_pos: torch.Tensor | None) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise InstdiscError(f"z must be (B, {self.dim}), got {tuple(z.shape)}")
+        if idx.dim() != 1 or idx.shape[0] != z.shape[0]:
+            raise InstdiscError(f"idx must be ({z.shape[0]},) to match z, got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise InstdiscError(f"idx must be an integer tensor, got {idx.dtype}")
+        if z.shape[0] == 0:
+            raise InstdiscError("empty batch: z has 0 rows")
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= self.n_data:
+            raise InstdiscError(f"idx out of range [0, {self.n_data}): min {int(lo)}, max {int(hi)}")
+        if self.positive == "view":
+            if z_pos is None:
+                raise InstdiscError("positive='view' needs z_pos (the other view's embeddings)")
+            if tuple(z_pos.shape) != tuple(z.shape):
+                raise InstdiscError(f"z_pos must have the shape of z {tuple(z.shape)}, got {tuple(z_pos.shape)}")
+        elif z_pos is not None:
+            raise InstdiscError("z_pos was given but positive='bank' (the positive is the bank row)")
+        return idx.to(device=self.bank.memory.device, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ state changes
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, z: torch.Tensor) -> None:
+        """Bank rows idx <- normalise(m v + (1 - m) z); call after ``optimizer.step()`` (see MemoryBank.update)."""
+        self.bank.update(idx, z, self.m)
+
+    @torch.no_grad()
+    def init_bank(self, z_all: torch.Tensor) -> None:
+        """Set every bank row from (N, D) embeddings (normalised)."""
+        self.bank.init_from(z_all)

@@ -1,0 +1,56 @@
+"""The one place that seeds global RNGs, plus capture/restore of every RNG state. Covered by tests/test_seeding.py."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "get_rng_state", "set_rng_state"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """Every global RNG state as tensors/plain types (safe for ``torch.load(weights_only=True)``)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensor(np.random.get_state()),
+        "python": _python_state_to_tensor(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_tensor_to_numpy_state(state["numpy"]))
+    random.setstate(_tensor_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_tensor(st) -> dict:
+    _, keys, pos, has_gauss, cached = st
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+def _tensor_to_numpy_state(d: dict):
+    return ("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_tensor(st) -> dict:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss}
+
+
+def _tensor_to_python_state(d: dict):
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])

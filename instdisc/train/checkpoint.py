@@ -1,0 +1,82 @@
+"""Checkpoints: one self-describing file, written atomically, loaded with ``weights_only=True``.
+
+Covered by tests/test_train_checkpoint.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_torch_save
+from ..errors import InstdiscError
+from ..version import CHECKPOINT_FORMAT, __version__
+from .config import TrainConfig
+
+__all__ = ["CHECKPOINT_NAME", "save_checkpoint", "read_checkpoint", "load_run", "find_checkpoint", "file_sha256"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` (plus format/version fields) atomically: temp file, fsync, rename."""
+    payload = dict(payload)
+    payload["format_version"] = CHECKPOINT_FORMAT
+    payload["instdisc_version"] = __version__
+    payload["kind"] = "instdisc-checkpoint"
+    atomic_torch_save(payload, path)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file, else ``path/checkpoint.pt``; InstdiscError when missing."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.exists():
+        raise InstdiscError(f"no checkpoint found at {p}")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and check a checkpoint file; anything that is not an instdisc checkpoint raises InstdiscError.
+
+    Uses ``torch.load(weights_only=True)``: a file carrying a pickled object (code) is refused, never executed.
+    """
+    p = find_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, AttributeError,
+            TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InstdiscError(f"{p} is not a readable instdisc checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "instdisc-checkpoint":
+        raise InstdiscError(f"{p} is a torch file but not an instdisc checkpoint")
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
+        raise InstdiscError(f"{p} has checkpoint format {ckpt.get('format_version')}, this instdisc reads "
+                            f"{CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def load_run(path: str | os.PathLike, map_location="cpu"):
+    """(TrainConfig, InstDiscModel in eval mode, checkpoint dict) from a run directory or checkpoint file."""
+    from ..method import build_model
+
+    ckpt = read_checkpoint(path, map_location)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    data = ckpt["data"]
+    model = build_model(cfg, n_data=data["n"], in_channels=data["channels"], image_size=data["image_size"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return cfg, model, ckpt
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

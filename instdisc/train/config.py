@@ -1,0 +1,136 @@
+"""Every training setting in one validated dataclass. Covered by tests/test_train_config.py."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import InstdiscError
+
+__all__ = ["TrainConfig", "RECIPES"]
+
+# Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
+RECIPES: dict[str, dict] = {
+    "fast": dict(loss="infonce", positive="view", negatives="shared", in_batch=True, bank_init="encoder",
+                 head="mlp", lr=0.06, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2),
+    "paper": dict(loss="nce", positive="bank", negatives="per-sample", in_batch=False, bank_init="random",
+                  head="linear", lr=0.03, weight_decay=5e-4, schedule="step", warmup_epochs=0.0, z_mode="first-batch",
+                  views=1),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fashion-mnist:train"
+    out: str = "runs/run"
+    data_root: str | None = None
+    limit: int | None = None
+    image_size: int | None = None
+    skip_bad_images: bool = False
+    recipe: str = "fast"
+    arch: str = "convnet-s"
+    head: str = "mlp"
+    low_dim: int = 128
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"           # cosine | step | constant
+    lr_steps: tuple[float, ...] = (0.6, 0.8)  # fractions of the run where "step" multiplies lr by 0.1
+    warmup_epochs: float = 0.2
+    nce_k: int = 4096
+    nce_t: float = 0.07
+    nce_m: float = 0.5
+    loss: str = "infonce"              # nce | infonce | softmax
+    negatives: str = "shared"          # shared | per-sample
+    positive: str = "view"             # bank | view
+    in_batch: bool = True
+    views: int = 2                     # 1: one augmented view per image (paper), 2: two views
+    z_mode: str = "running"            # first-batch | running  (NCE normaliser Z)
+    bank_dtype: str = "float32"        # float32 | float16 | bfloat16
+    bank_init: str = "encoder"         # random | encoder (eval-transform embeddings of the untrained model)
+    augment: str = "auto"              # auto | batch | pil
+    device: str = "auto"               # auto | cpu | cuda
+    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 50
+    save_every: int = 0                # also checkpoint every N steps (0: only at epoch ends)
+    knn_every: int = 0
+    knn_data: str | None = None
+    knn_k: int = 200
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":
+        """Config for a named recipe; ``overrides`` (non-None values) win over the recipe's values."""
+        if recipe not in RECIPES:
+            raise InstdiscError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        values = dict(RECIPES[recipe])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["recipe"] = recipe
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_steps"] = list(self.lr_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InstdiscError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "lr_steps" in d:
+            d["lr_steps"] = tuple(d["lr_steps"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise InstdiscError(msg)
+
+        choices = {"loss": ("nce", "infonce", "softmax"), "negatives": ("shared", "per-sample"),
+                   "positive": ("bank", "view"), "z_mode": ("first-batch", "running"),
+                   "bank_dtype": ("float32", "float16", "bfloat16"), "bank_init": ("random", "encoder"),
+                   "augment": ("auto", "batch", "pil"), "device": ("auto", "cpu", "cuda"),
+                   "schedule": ("cosine", "step", "constant"), "head": ("linear", "mlp")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.nce_t > 0:
+            bad(f"--nce-t (temperature tau) must be > 0, got {self.nce_t}")
+        if not 0 <= self.nce_m < 1:
+            bad(f"--nce-m (bank momentum m) must be in [0, 1), got {self.nce_m}")
+        if self.nce_k < 1 and self.loss != "softmax":
+            bad(f"--nce-k must be >= 1, got {self.nce_k}")
+        if self.epochs < 1:
+            bad(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            bad(f"--batch-size must be >= 2, got {self.batch_size}")
+        if not self.lr > 0:
+            bad(f"--lr must be > 0, got {self.lr}")
+        if self.low_dim < 1:
+            bad(f"--low-dim must be >= 1, got {self.low_dim}")
+        if self.views not in (1, 2):
+            bad(f"views must be 1 or 2, got {self.views}")
+        if self.positive == "view" and self.views != 2:
+            bad("--positive view needs two views per image")
+        if self.in_batch and self.views != 2:
+            bad("in-batch negatives need two views per image")
+        if self.workers < 0:
+            bad(f"--workers must be >= 0, got {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            bad(f"--limit must be >= 1, got {self.limit}")
+        if self.knn_every and not self.knn_data:
+            bad("--knn-every needs --knn-data (a labelled held-out dataset)")
+
+    def validate_for_data(self, n_data: int) -> None:
+        """Checks that need the dataset size."""
+        if self.batch_size > n_data:
+            raise InstdiscError(f"--batch-size ({self.batch_size}) is larger than the dataset ({n_data} images)")
+        if self.loss != "softmax" and self.nce_k >= n_data:
+            raise InstdiscError(f"--nce-k ({self.nce_k}) must be smaller than the number of images ({n_data})")

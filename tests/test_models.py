@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from instdisc.errors import InstdiscError
+from instdisc.models import ENCODERS, ProjectionHead, build_encoder, list_encoders
+
+SMALL = [a for a in list_encoders() if not a.startswith("resnet") or a == "resnet18"]
+
+
+@pytest.mark.parametrize("arch", SMALL)
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_registry_shapes_and_finite(arch, channels, size):
+    torch.manual_seed(0)
+    enc = build_encoder(arch, in_channels=channels, image_size=size)
+    y = enc(torch.randn(3, channels, size, size))
+    assert y.shape == (3, enc.feature_dim)
+    assert torch.isfinite(y).all()
+
+
+def test_resnet_large_stem_and_dims():
+    enc = build_encoder("resnet50", in_channels=3, image_size=224)
+    assert enc.feature_dim == 2048
+    assert enc.net.conv1.stride == (2, 2)
+    small = build_encoder("resnet18", in_channels=1, image_size=28)
+    assert small.net.conv1.stride == (1, 1) and small.net.conv1.in_channels == 1
+
+
+def test_unknown_arch_suggests():
+    with pytest.raises(InstdiscError, match="resnet18"):
+        build_encoder("resnet19")
+
+
+def test_bad_channels():
+    with pytest.raises(InstdiscError, match="in_channels"):
+        build_encoder("convnet-s", in_channels=2)
+
+
+def test_registry_is_dict():
+    assert isinstance(ENCODERS, dict) and "convnet-s" in ENCODERS
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_head_unit_rows(kind):
+    h = ProjectionHead(16, 8, kind=kind)
+    z = h(torch.randn(5, 16))
+    assert z.shape == (5, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+
+
+def test_head_bad_kind():
+    with pytest.raises(InstdiscError, match="head"):
+        ProjectionHead(4, 2, kind="conv")

@@ -1,0 +1,401 @@
+"""Tests for instdisc/objective.py: the chunked per-sample autograd Function against a naive gather + bmm, the
+objective's losses against float64 python loops from the definitions, Z handling, state, validation."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instdisc.errors import InstdiscError
+from instdisc.objective import Objective, per_sample_logits
+
+F64 = torch.float64
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(b, d, seed, dtype=torch.float32):
+    return F.normalize(torch.randn(b, d, generator=_gen(seed), dtype=dtype), dim=1)
+
+
+def naive_logits(zs, memory, neg_idx):
+    """The reference way: gather B x K x D, then bmm (autograd through the gather)."""
+    w = memory[neg_idx].to(zs.dtype)  # B x K x D
+    return torch.bmm(w, zs[:, :, None]).squeeze(-1)  # B x K
+
+
+# ---------------------------------------------------------------------------------------------------- per-sample
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("impl,b,k,block_rows", [
+    ("tiled", 4, 5, 1), ("tiled", 4, 5, 3), ("tiled", 4, 17, 5), ("tiled", 6, 5, 16), ("tiled", 3, 7, 4096),
+    ("tiled", 1, 1, 1), ("fused", 4, 17, 5), ("fused", 1, 1, 1), ("auto", 6, 5, 16)])
+def test_per_sample_logits_values_and_grads_equal_naive(dtype, impl, b, k, block_rows):
+    memory = _unit(30, 8, 1, dtype)
+    neg_idx = torch.randint(0, 30, (b, k), generator=_gen(2))
+    neg_idx[0, 0] = neg_idx[0, -1]  # a repeated slot in one row
+    zs = (_unit(b, 8, 3, dtype) / 0.1).requires_grad_()
+    zs_ref = zs.detach().clone().requires_grad_()
+    out = per_sample_logits(zs, memory, neg_idx, block_rows=block_rows, impl=impl)
+    ref = naive_logits(zs_ref, memory, neg_idx)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out, ref, **tol)
+    up = torch.randn(b, k, generator=_gen(4), dtype=dtype)
+    out.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(zs.grad, zs_ref.grad, **tol)
+
+
+@pytest.mark.parametrize("impl,block_rows,bank_dtype", [
+    ("fused", 2, F64), ("tiled", 2, F64), ("tiled", 100, F64),
+    ("auto", 2, torch.float32), ("auto", 100, torch.float32)])  # float32 bank under float64 zs: tiled path
+def test_per_sample_logits_gradcheck(impl, block_rows, bank_dtype):
+    memory = _unit(12, 5, 5, F64).to(bank_dtype)
+    neg_idx = torch.randint(0, 12, (3, 6), generator=_gen(6))
+    zs = _unit(3, 5, 7, F64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda q: per_sample_logits(q, memory, neg_idx, block_rows=block_rows, impl=impl), (zs,))
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16])
+def test_per_sample_logits_half_bank(bank_dtype):
+    memory = _unit(40, 16, 8).to(bank_dtype)
+    neg_idx = torch.randint(0, 40, (5, 9), generator=_gen(9))
+    zs = _unit(5, 16, 10).requires_grad_()
+    zs_ref = zs.detach().clone().requires_grad_()
+    out = per_sample_logits(zs, memory, neg_idx, block_rows=4)
+    ref = naive_logits(zs_ref, memory.float(), neg_idx)  # same rounded bank, float32 arithmetic
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    up = torch.randn(5, 9, generator=_gen(11))
+    out.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(zs.grad, zs_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "tiled"])
+def test_per_sample_logits_refuses_bank_changed_before_backward(impl):
+    memory = _unit(10, 4, 1)
+    zs = _unit(2, 4, 2).requires_grad_()
+    out = per_sample_logits(zs, memory, torch.randint(0, 10, (2, 3), generator=_gen(3)), impl=impl)
+    memory[0].mul_(2.0)  # in-place bank write between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_per_sample_logits_validation():
+    zs, one = torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(InstdiscError, match="bank must not require grad"):
+        per_sample_logits(zs, torch.zeros(4, 3, requires_grad=True), one)
+    with pytest.raises(InstdiscError, match=r"\(2, 3\), \(4, 5\), \(2, 1\)"):
+        per_sample_logits(zs, torch.zeros(4, 5), one)
+    with pytest.raises(InstdiscError, match=r"impl='fused' needs the bank dtype \(torch.float16\)"):
+        per_sample_logits(zs, torch.zeros(4, 3, dtype=torch.float16), one, impl="fused")
+    with pytest.raises(InstdiscError, match="unknown impl 'cuda'"):
+        per_sample_logits(zs, torch.zeros(4, 3), one, impl="cuda")
+    with pytest.raises(InstdiscError, match="block_rows must be >= 1, got 0"):
+        per_sample_logits(zs, torch.zeros(4, 3), one, block_rows=0)
+
+
+# ---------------------------------------------------------------------------------------------------- references
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def reference_logits_py(obj, z, idx, z_pos, neg_idx):
+    """Python float64 lists: pos[i], neg[i][k] from the definitions."""
+    mem = obj.bank.memory.double().tolist()
+    zl = z.double().tolist()
+    zp = z_pos.double().tolist() if z_pos is not None else None
+    pos, neg = [], []
+    for i in range(len(zl)):
+        target = mem[int(idx[i])] if obj.positive == "bank" else zp[i]
+        pos.append(_dot(zl[i], target) / obj.tau)
+        row = neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist()
+        neg.append([_dot(zl[i], mem[j]) / obj.tau for j in row])
+    return pos, neg
+
+
+def reference_nce_py(pos, neg, n_data):
+    """First-batch Z = N mean(exp(all logits)), then the InstDisc NCE loss (no eps)."""
+    flat = pos + [x for row in neg for x in row]
+    z_val = n_data * sum(math.exp(x) for x in flat) / len(flat)
+    k, pn = len(neg[0]), 1.0 / n_data
+    total = 0.0
+    for i in range(len(pos)):
+        p = math.exp(pos[i]) / z_val
+        total += math.log(p / (p + k * pn))
+        for x in neg[i]:
+            q = math.exp(x) / z_val
+            total += math.log(k * pn / (q + k * pn))
+    return -total / len(pos), math.log(z_val)
+
+
+def reference_infonce_py(pos, neg, extra=None):
+    total = 0.0
+    for i in range(len(pos)):
+        cols = neg[i] + (extra[i] if extra is not None else [])
+        denom = math.exp(pos[i]) + sum(math.exp(x) for x in cols)
+        total += math.log(denom) - pos[i]
+    return total / len(pos)
+
+
+def _objective(n=40, d=8, **kw):
+    kw.setdefault("k", 6)
+    kw.setdefault("tau", 0.2)
+    return Objective(n, d, generator=_gen(0), **kw)
+
+
+def _negatives_for(obj, b, seed):
+    """The indices forward draws with a generator seeded ``seed`` (its only random draw)."""
+    mode = obj.negatives
+    return obj.bank.sample(b, obj.k, mode=mode, generator=_gen(seed))
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("positive", ["bank", "view"])
+def test_nce_matches_python_loop_reference(negatives, positive):
+    obj = _objective(negatives=negatives, positive=positive, bank_dtype=F64)
+    z, idx = _unit(5, 8, 1, F64).requires_grad_(), torch.tensor([0, 3, 39, 7, 12])
+    z_pos = _unit(5, 8, 2, F64) if positive == "view" else None
+    loss, stats = obj(z, idx, z_pos=z_pos, generator=_gen(5))
+    pos, neg = reference_logits_py(obj, z, idx, z_pos, _negatives_for(obj, 5, 5))
+    want, want_log_z = reference_nce_py(pos, neg, 40)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    assert stats["log_z"] == pytest.approx(want_log_z, rel=1e-10)
+    assert stats["loss"] == pytest.approx(want, rel=1e-6)
+    assert stats["pos_sim"] == pytest.approx(sum(pos) / 5 * obj.tau, rel=1e-6, abs=1e-9)
+    assert stats["neg_sim"] == pytest.approx(sum(map(sum, neg)) / (5 * 6) * obj.tau, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("positive", ["bank", "view"])
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_infonce_matches_python_loop_reference(negatives, positive, in_batch):
+    obj = _objective(loss="infonce", negatives=negatives, positive=positive, in_batch=in_batch, bank_dtype=F64)
+    idx = torch.tensor([4, 9, 4, 20])  # slot 4 twice: those two samples are not each other's negatives
+    z = _unit(4, 8, 3, F64).requires_grad_()
+    z_pos = _unit(4, 8, 4, F64) if positive == "view" else None
+    loss, stats = obj(z, idx, z_pos=z_pos, generator=_gen(6))
+    pos, neg = reference_logits_py(obj, z, idx, z_pos, _negatives_for(obj, 4, 6))
+    extra = None
+    if in_batch:
+        other = (z_pos if positive == "view" else z).double().tolist()
+        zl = z.double().tolist()
+        extra = [[_dot(zl[i], other[j]) / obj.tau for j in range(4) if int(idx[j]) != int(idx[i])]
+                 for i in range(4)]
+    assert loss.item() == pytest.approx(reference_infonce_py(pos, neg, extra), rel=1e-10)
+    assert math.isnan(stats["log_z"])
+
+
+@pytest.mark.parametrize("positive", ["bank", "view"])
+def test_softmax_matches_python_loop_reference(positive):
+    obj = _objective(n=15, loss="softmax", positive=positive, bank_dtype=F64, k=4096)  # k unused by softmax
+    idx = torch.tensor([14, 0, 6])
+    z = _unit(3, 8, 5, F64).requires_grad_()
+    z_pos = _unit(3, 8, 6, F64) if positive == "view" else None
+    loss, stats = obj(z, idx, z_pos=z_pos)
+    mem, zl = obj.bank.memory.tolist(), z.tolist()
+    total, neg_sum = 0.0, 0.0
+    for i in range(3):
+        row = [_dot(zl[i], mem[j]) / obj.tau for j in range(15)]
+        if positive == "view":
+            row[int(idx[i])] = _dot(zl[i], z_pos[i].tolist()) / obj.tau
+        total += math.log(sum(math.exp(x) for x in row)) - row[int(idx[i])]
+        neg_sum += sum(row) - row[int(idx[i])]
+    assert loss.item() == pytest.approx(total / 3, rel=1e-10)
+    assert stats["neg_sim"] == pytest.approx(neg_sum / (3 * 14) * obj.tau, rel=1e-6, abs=1e-9)
+
+
+def test_closed_form_nce_when_bank_is_orthogonal_to_z():
+    # every logit 0: Z = N, P = 1/N = Pn  ->  loss = log(K+1) + K log((K+1)/K)
+    obj = _objective(n=50, d=4, k=10, bank_dtype=F64)
+    obj.init_bank(torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=F64).repeat(50, 1))
+    z = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3, dtype=F64, requires_grad=True)
+    loss, stats = obj(z, torch.tensor([0, 1, 2]), generator=_gen(1))
+    assert loss.item() == pytest.approx(math.log(11) + 10 * math.log(11 / 10), rel=1e-12)
+    assert stats["log_z"] == pytest.approx(math.log(50), rel=1e-12)
+    assert stats["pos_sim"] == 0.0 and stats["neg_sim"] == 0.0
+
+
+def test_closed_form_infonce_identical_bank_rows():
+    # every bank row equal: positive and K negatives share one logit -> loss = log(K + 1)
+    obj = _objective(n=30, d=4, k=7, loss="infonce", negatives="shared")
+    obj.init_bank(torch.randn(1, 4, generator=_gen(2)).repeat(30, 1))
+    loss, _ = obj(_unit(5, 4, 3).requires_grad_(), torch.arange(5), generator=_gen(4))
+    assert loss.item() == pytest.approx(math.log(8), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_nce_gradient_equals_naive_autograd(negatives):
+    obj = _objective(negatives=negatives, bank_dtype=F64)
+    idx = torch.tensor([1, 2, 30, 8])
+    z = _unit(4, 8, 7, F64).requires_grad_()
+    loss, _ = obj(z, idx, generator=_gen(8))
+    loss.backward()
+    # naive torch: B x K x D gather, P = exp(l) / Z, the reference formula (Z as a constant)
+    zr = z.detach().clone().requires_grad_()
+    mem, tau = obj.bank.memory, obj.tau
+    neg_idx = _negatives_for(obj, 4, 8)
+    neg_idx = neg_idx.expand(4, -1) if neg_idx.dim() == 1 else neg_idx
+    pos = (zr * mem[idx]).sum(1) / tau
+    neg = naive_logits(zr / tau, mem, neg_idx)
+    zval, kpn = obj.z.value, obj.k / obj.n_data
+    p_pos, p_neg = torch.exp(pos) / zval, torch.exp(neg) / zval
+    ref = -(torch.log(p_pos / (p_pos + kpn)).sum() + torch.log(kpn / (p_neg + kpn)).sum()) / 4
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(z.grad, zr.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_objective_gradcheck_per_sample_nce_and_in_batch_infonce():
+    obj = _objective(bank_dtype=F64)
+    obj.z.log_z.fill_(3.0)
+    idx = torch.tensor([0, 5, 9])
+    z = _unit(3, 8, 9, F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q: obj(q, idx, generator=_gen(1), observe_z=False)[0], (z,))
+    obj2 = _objective(loss="infonce", positive="view", in_batch=True, bank_dtype=F64)
+    zp = _unit(3, 8, 10, F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, p: obj2(q, idx, z_pos=p, generator=_gen(1))[0], (z, zp))
+
+
+# ---------------------------------------------------------------------------------------------------- Z state
+def test_first_batch_z_is_frozen_and_running_z_moves():
+    frozen, running = _objective(), _objective(z_mode="running", z_momentum=0.5)
+    idx = torch.arange(4)
+    first_f = frozen(_unit(4, 8, 1).requires_grad_(), idx, generator=_gen(1))[1]["log_z"]
+    first_r = running(_unit(4, 8, 1).requires_grad_(), idx, generator=_gen(1))[1]["log_z"]
+    assert first_f == pytest.approx(first_r, rel=1e-12)  # both start from the first batch's estimate
+    z2 = frozen.bank.memory[:4].clone().requires_grad_()  # aligned with the positives: a different batch Z
+    second_f = frozen(z2, idx, generator=_gen(2))[1]["log_z"]
+    second_r = running(z2, idx, generator=_gen(2))[1]["log_z"]
+    assert second_f == first_f
+    assert second_r != pytest.approx(first_r, rel=1e-6)
+
+
+def test_observe_z_false_leaves_state_and_unset_z_raises():
+    obj = _objective()
+    z, idx = _unit(3, 8, 1).requires_grad_(), torch.arange(3)
+    with pytest.raises(InstdiscError, match="normaliser Z is unset"):
+        obj(z, idx, generator=_gen(1), observe_z=False)
+    obj(z, idx, generator=_gen(1))
+    before = obj.z.log_z.clone()
+    running = _objective(z_mode="running")
+    running.z.log_z.copy_(before)
+    running(z, idx, generator=_gen(2), observe_z=False)
+    assert torch.equal(running.z.log_z, before)
+
+
+# ---------------------------------------------------------------------------------------------------- bank state
+def test_update_is_the_bank_momentum_rule_and_forward_does_not_touch_the_bank():
+    obj = _objective(m=0.5)
+    before = obj.bank.memory.clone()
+    z, idx = _unit(3, 8, 1).requires_grad_(), torch.tensor([2, 11, 30])
+    loss, _ = obj(z, idx, generator=_gen(1))
+    loss.backward()
+    assert torch.equal(obj.bank.memory, before)
+    obj.update(idx, z)
+    torch.testing.assert_close(obj.bank.memory[idx], F.normalize(0.5 * before[idx] + 0.5 * z.detach(), dim=1))
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[idx] = False
+    assert torch.equal(obj.bank.memory[mask], before[mask])
+
+
+def test_update_before_backward_is_refused_for_per_sample():
+    obj = _objective(negatives="per-sample")
+    z, idx = _unit(3, 8, 1).requires_grad_(), torch.tensor([2, 11, 30])
+    loss, _ = obj(z, idx, generator=_gen(1))
+    obj.update(idx, z)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_state_dict_round_trip_has_bank_and_log_z():
+    obj = _objective()
+    z, idx = _unit(4, 8, 1).requires_grad_(), torch.arange(4)
+    obj(z, idx, generator=_gen(1))
+    obj.update(idx, z)
+    sd = obj.state_dict()
+    assert set(sd) == {"bank.memory", "z.log_z"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = Objective(40, 8, k=6, tau=0.2, generator=_gen(123))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh.bank.memory, obj.bank.memory) and fresh.z.log_z.item() == obj.z.log_z.item()
+    a = obj(z, idx, generator=_gen(2))[0].item()
+    b = fresh(z, idx, generator=_gen(2))[0].item()
+    assert a == b
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_half_precision_bank_objective(bank_dtype, negatives):
+    half = _objective(negatives=negatives, bank_dtype=bank_dtype)
+    full = _objective(negatives=negatives)
+    full.bank.memory.copy_(half.bank.memory.float())  # the same (rounded) rows in float32
+    z, idx = _unit(5, 8, 1).requires_grad_(), torch.tensor([0, 1, 2, 3, 4])
+    zf = z.detach().clone().requires_grad_()
+    lh, _ = half(z, idx, generator=_gen(3))
+    lf, _ = full(zf, idx, generator=_gen(3))
+    assert lh.item() == pytest.approx(lf.item(), rel=1e-5)
+    lh.backward()
+    lf.backward()
+    torch.testing.assert_close(z.grad, zf.grad, rtol=1e-4, atol=1e-6)
+    half.update(idx, z)
+    assert half.bank.memory.dtype == bank_dtype
+
+
+def test_deterministic_and_degenerate_sizes():
+    obj = _objective(n=7, k=1)
+    z, idx = _unit(1, 8, 1).requires_grad_(), torch.tensor([6])  # one query, K = 1, N not a multiple of B
+    a = obj(z, idx, generator=_gen(5))
+    b = obj(z, idx, generator=_gen(5))
+    assert a[0].item() == b[0].item() and a[1] == b[1]
+    assert set(a[1]) == {"loss", "pos_sim", "neg_sim", "log_z"}
+    assert all(isinstance(v, float) for v in a[1].values())
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs,match", [
+    ({"k": 40}, "k must satisfy 1 <= k < n_data, got k=40 with n_data=40"),
+    ({"k": 0}, "got k=0"),
+    ({"tau": 0.0}, "tau must be a finite number > 0, got 0.0"),
+    ({"tau": -1.0}, "got -1.0"),
+    ({"m": 1.0}, r"m must be in \[0, 1\), got 1.0"),
+    ({"m": -0.1}, "got -0.1"),
+    ({"loss": "triplet"}, "unknown loss 'triplet'"),
+    ({"negatives": "hard"}, "unknown negatives 'hard'"),
+    ({"positive": "self"}, "unknown positive 'self'"),
+    ({"in_batch": True}, "in_batch=True needs loss='infonce', got loss='nce'"),
+    ({"in_batch": True, "loss": "softmax"}, "got loss='softmax'"),
+    ({"z_mode": "ema"}, "unknown z_mode 'ema'"),
+    ({"bank_dtype": torch.int8}, "torch.int8"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(InstdiscError, match=match):
+        Objective(40, 8, **{"k": 6, **kwargs})
+
+
+def test_forward_validation():
+    obj = _objective()
+    z = _unit(3, 8, 1)
+    with pytest.raises(InstdiscError, match=r"z must be \(B, 8\), got \(3, 5\)"):
+        obj(torch.zeros(3, 5), torch.arange(3))
+    with pytest.raises(InstdiscError, match=r"idx must be \(3,\)"):
+        obj(z, torch.arange(4))
+    with pytest.raises(InstdiscError, match=r"out of range \[0, 40\).*max 40"):
+        obj(z, torch.tensor([0, 1, 40]))
+    with pytest.raises(InstdiscError, match="z_pos was given but positive='bank'"):
+        obj(z, torch.arange(3), z_pos=z)
+    view = _objective(positive="view")
+    with pytest.raises(InstdiscError, match="positive='view' needs z_pos"):
+        view(z, torch.arange(3))
+    with pytest.raises(InstdiscError, match=r"z_pos must have the shape of z \(3, 8\), got \(2, 8\)"):
+        view(z, torch.arange(3), z_pos=z[:2])

@@ -62,4 +62,4 @@ class BaselineNCE:
         loss = self.loss(f, y, generator)
         loss.backward()
         self.update(y, f)
-        return float(loss)
+        return loss.item()

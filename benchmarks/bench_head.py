@@ -18,14 +18,16 @@ the events are sorted by time and summed, and the running maximum is the peak. T
 allocates (gathered rows, logits, autograd's saved tensors, gradients) but not the scratch space of BLAS/oneDNN or
 the Python heap; both implementations are measured the same way.
 
-ratio = baseline ms / ours ms (speed-up, > 1 is faster); mem_ratio = ours peak / baseline peak.
+ratio = baseline ms / ours ms (speed-up, > 1 is faster); mem_ratio = ours peak / baseline peak. The rows also carry
+cpu_ms_per_step (median process CPU time per step, all threads), a number that load from other processes on the
+machine skews much less than wall time; the table's "cpu x" column is the CPU-time speed-up.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import math
+import os
 import platform
 import statistics
 import sys
@@ -67,21 +69,26 @@ def peak_alloc_mib(step) -> float:
     return peak / 2**20
 
 
-def time_interleaved(steps: dict, *, reps: int | None, budget_s: float) -> dict[str, list[float]]:
+def time_interleaved(steps: dict, *, reps: int | None, budget_s: float) -> tuple[dict, dict]:
     """Warm each step up once, then run rounds of one timed step of every head in turn (so that all heads see the
-    same machine load); ``reps`` rounds, or as many as fit in ``budget_s`` (3..15). Returns ms per step per head."""
+    same machine load); ``reps`` rounds, or as many as fit in ``budget_s`` (3..15).
+
+    Returns (wall ms, CPU ms) per step per head; CPU ms is this process's CPU time (all threads), which other
+    processes competing for the cores inflate much less than wall time."""
     t0 = time.perf_counter()
     for step in steps.values():
         step()
     warm = time.perf_counter() - t0
     n = reps if reps is not None else max(3, min(15, int(budget_s / max(warm, 1e-4))))
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict = {name: [] for name in steps}
+    cpu: dict = {name: [] for name in steps}
     for _ in range(n):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return wall, cpu
 
 
 def random_unit(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -121,7 +128,7 @@ def bench_config(objs: list[Objective], memory: torch.Tensor, *, n: int, d: int,
         steps[i] = ours_step(obj, z, idx, gen)
     base = BaselineNCE(memory, k=k, tau=objs[0].tau, m=objs[0].m)
     steps["baseline"] = baseline_step(base, z, idx, gen)
-    times = time_interleaved(steps, reps=reps, budget_s=budget_s)
+    times, cpu = time_interleaved(steps, reps=reps, budget_s=budget_s)
     peaks = {name: peak_alloc_mib(step) for name, step in steps.items()}
     base_ms = statistics.median(times["baseline"])
     rows = []
@@ -131,6 +138,8 @@ def bench_config(objs: list[Objective], memory: torch.Tensor, *, n: int, d: int,
                      "ms_per_step": ms, "peak_mib": peaks[i], "baseline_ms_per_step": base_ms,
                      "baseline_peak_mib": peaks["baseline"], "ratio": base_ms / ms,
                      "mem_ratio": peaks[i] / peaks["baseline"], "reps": len(times[i]),
+                     "cpu_ms_per_step": statistics.median(cpu[i]),
+                     "baseline_cpu_ms_per_step": statistics.median(cpu["baseline"]),
                      "ms_all": [round(t, 2) for t in times[i]],
                      "baseline_ms_all": [round(t, 2) for t in times["baseline"]]})
     return rows
@@ -149,7 +158,7 @@ def _machine_info() -> dict:
         return machine_info()
     except ImportError:
         return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                "processor": platform.processor(), "cpu_count": __import__("os").cpu_count(),
+                "processor": platform.processor(), "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), "source": "bench_head fallback (no benchmarks/_machine.py)"}
 
 
@@ -174,25 +183,36 @@ def run_one(args) -> dict:
     row = bench_config([obj], memory, n=args.N, d=args.D, b=args.B, k=args.K, seed=args.seed, reps=args.reps,
                        budget_s=args.budget)[0]
     row["threads"] = torch.get_num_threads()
+    row["loadavg"] = _loadavg()
     return row
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages (other processes competing for the cores skew every timing)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def run_grid(args) -> dict:
     rows = []
     t_start = time.perf_counter()
+    load_start = _loadavg()
     for n in GRID_N:
         objs = [make_objective(n, args.D, max(GRID_K), negatives, loss, args.seed) for negatives, loss in METHODS]
         memory = objs[0].bank.memory.clone()  # the baseline's own bank, same rows
         for k in GRID_K:
             for row in bench_config(objs, memory, n=n, d=args.D, b=args.B, k=k, seed=args.seed, reps=args.reps,
-                                    budget_s=args.budget * (2 if k < 16384 else 1)):
+                                    budget_s=args.budget):
                 rows.append(row)
                 print(_format_row(row), flush=True)
         del objs, memory
         gc.collect()
     payload = {"benchmark": "bench_head", "machine": _machine_info(), "D": args.D, "B": args.B,
-               "torch_threads": torch.get_num_threads(),
-               "time_method": "median wall ms per step; heads timed in interleaved rounds after one warm-up step",
+               "torch_threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": _loadavg(),
+               "time_method": "median wall ms per step; heads timed in interleaved rounds after one warm-up step; "
+                              "cpu_ms_per_step: median process CPU time per step",
                "peak_mib_method": "torch.profiler allocation events: peak of live tensor bytes above the step start",
                "ratio_definition": "baseline_ms_per_step / ms_per_step (speed-up)",
                "seconds": time.perf_counter() - t_start, "results": rows}
@@ -201,12 +221,13 @@ def run_grid(args) -> dict:
 
 
 HEADER = (f"{'N':>9} {'K':>6} {'negatives':>10} {'loss':>7} | {'ours ms':>8} {'base ms':>8} {'x faster':>8} | "
-          f"{'ours MiB':>8} {'base MiB':>8} {'mem':>6}")
+          f"{'cpu x':>6} | {'ours MiB':>8} {'base MiB':>8} {'mem':>6}")
 
 
 def _format_row(r: dict) -> str:
+    cpu_ratio = r["baseline_cpu_ms_per_step"] / r["cpu_ms_per_step"]
     return (f"{r['N']:>9} {r['K']:>6} {r['negatives']:>10} {r['loss']:>7} | {r['ms_per_step']:>8.1f} "
-            f"{r['baseline_ms_per_step']:>8.1f} {r['ratio']:>8.1f} | {r['peak_mib']:>8.1f} "
+            f"{r['baseline_ms_per_step']:>8.1f} {r['ratio']:>8.1f} | {cpu_ratio:>6.1f} | {r['peak_mib']:>8.1f} "
             f"{r['baseline_peak_mib']:>8.1f} {r['mem_ratio']:>6.3f}")
 
 
@@ -219,8 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--negatives", choices=("shared", "per-sample"), default="per-sample")
     p.add_argument("--loss", choices=("nce", "infonce"), default="nce")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default: auto, 3..15 within --budget)")
-    p.add_argument("--budget", type=float, default=6.0,
-                   help="seconds of timed rounds per config when --reps is auto (doubled for K < 16384 in the grid)")
+    p.add_argument("--budget", type=float, default=4.0,
+                   help="seconds of timed rounds per config when --reps is auto (at least 3 rounds)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -18,6 +18,10 @@ class InstdiscGroup(click.Group):
         except InstdiscError as e:
             click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
             ctx.exit(2)
+        except click.UsageError as e:  # a bad option value or an unknown command/option: one line, status 2
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+            ctx.exit(2)
 
 
 def setup_logging(verbose: bool = False) -> None:

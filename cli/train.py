@@ -1,6 +1,9 @@
 """``instdisc train``. Covered by tests/test_cli_train.py."""
 from __future__ import annotations
 
+import os
+import signal
+
 import click
 
 from instdisc.train import RECIPES, TrainConfig, train as train_run
@@ -47,11 +50,26 @@ from .app import cli, data_options
 @click.option("--save-every", type=int, default=None, help="Also checkpoint every N steps.")
 @click.option("--knn-every", type=int, default=None, help="kNN-evaluate the bank every N epochs (needs --knn-data).")
 @click.option("--knn-data", default=None, help="Labelled held-out dataset for --knn-every.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-def train_cmd(data, out, recipe, resume, **opts):
-    """Train an encoder on DATA (a dataset spec: fashion-mnist:train, cifar10, a folder, filelist:PATH)."""
-    cfg = TrainConfig.from_recipe(recipe, data=data, out=out, **opts)
-    result = train_run(cfg, resume=resume)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (a run killed before its "
+              "first checkpoint starts again from scratch if its config.json matches).")
+@click.option("--sync-bn", is_flag=True, default=False,
+              help="Distributed runs (torchrun): synchronise BatchNorm statistics across processes (CUDA only).")
+@click.option("--index-cache", type=click.Path(file_okay=False), default=None,
+              help="Folder caching the file index of folder and file-list datasets [default: OUT/.index-cache].")
+def train_cmd(data, out, recipe, resume, sync_bn, index_cache, **opts):
+    """Train an encoder on DATA (a dataset spec: fashion-mnist:train, cifar10, a folder, filelist:PATH).
+
+    Launched with torchrun (WORLD_SIZE > 1) it trains with DDP and a memory bank sharded over the processes;
+    --batch-size is then the global batch.
+
+    SIGINT (Ctrl-C) or SIGTERM saves a checkpoint at the next step boundary and exits with 128 + the signal number
+    (130, 143); `--resume` continues the run exactly.
+    """
+    cfg = TrainConfig.from_recipe(recipe, data=data, out=out, extra={"sync_bn": True} if sync_bn else None, **opts)
+    result = train_run(cfg, resume=resume, index_cache=index_cache)
     state = "interrupted (resume with --resume)" if result.interrupted else "done"
-    click.echo(f"{state}: {result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
-               f"run in {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary line, from rank 0
+        click.echo(f"{state}: {result.epochs_done} epochs, {result.global_step} steps, last loss "
+                   f"{result.last_loss:.4f}, run in {result.run_dir}")
+    if result.interrupted:  # checkpoint saved; 128 + signal (130 Ctrl-C, 143 SIGTERM) so `train && next` stops here
+        raise SystemExit(128 + (result.stop_signal or signal.SIGTERM))

@@ -1,0 +1,22 @@
+"""instdisc: memory-bank instance discrimination (Wu et al., CVPR 2018) — train, evaluate with kNN, export.
+
+The public API is listed in ``__all__``; the README's module map says which file holds what and which test covers it.
+"""
+from .data import BatchAugment, IndexedDataset, build_dataset, eval_transform, train_transform
+from .errors import InstdiscError
+from .features import Features, extract_features
+from .knn import knn_evaluate, retrieval_evaluate
+from .method import InstDiscModel, build_model
+from .models import ProjectionHead, build_encoder, list_encoders
+from .objective import Objective
+from .seeding import seed_everything
+from .source import ModelSource, open_model
+from .train import RECIPES, TrainConfig, TrainResult, load_run, train
+from .version import __version__
+
+__all__ = [
+    "BatchAugment", "Features", "IndexedDataset", "InstDiscModel", "InstdiscError", "ModelSource", "Objective",
+    "ProjectionHead", "RECIPES", "TrainConfig", "TrainResult", "__version__", "build_dataset", "build_encoder",
+    "build_model", "eval_transform", "extract_features", "knn_evaluate", "list_encoders", "load_run", "open_model",
+    "retrieval_evaluate", "seed_everything", "train", "train_transform",
+]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,10 @@ import torch
 
 from .errors import InstdiscError
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir",
+           "remove_stale_temps"]
+
+_TMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside the target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,7 +37,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write_fn(f)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write_fn(f)
@@ -69,12 +73,54 @@ def check_free_space(directory: str | os.PathLike, nbytes: int, margin: float = 
 
 
 def check_writable_dir(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` if needed and check that files can be created in it."""
+    """Create ``directory`` if needed and check that files can be created in it.
+
+    The check creates and removes a probe file: ``os.access`` answers "yes" to root even for a read-only mount or an
+    immutable directory.
+    """
     d = Path(directory)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InstdiscError(f"cannot create output directory {d}: {e.strerror}") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise InstdiscError(f"output directory is not writable: {d}")
+        raise InstdiscError(f"cannot create output directory {d}: {e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".instdisc-write-probe-", dir=d)
+    except OSError as e:
+        raise InstdiscError(f"output directory is not writable: {d} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return d
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that :func:`atomic_write` left in ``directory`` when its process was killed.
+
+    A temp file is ``.<name>.tmp-<pid>``; it is stale when no process ``<pid>`` runs (a live writer's file is kept).
+    Returns the removed paths.
+    """
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        name, mark, pid = p.name.rpartition(_TMP_MARK)
+        if not (mark and name.startswith(".") and pid.isdigit() and p.is_file()):
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -46,7 +46,8 @@ class MemoryBank(nn.Module):
         draw_device = generator.device if generator is not None else device
         work = torch.float64 if dtype == torch.float64 else torch.float32
         memory = torch.randn(self.n_data, self.dim, generator=generator, device=draw_device, dtype=work)  # N x D
-        memory = F.normalize(memory, dim=1).to(device=device, dtype=dtype)
+        memory.div_(memory.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # in place: the bank can be GBs
+        memory = memory.to(device=device, dtype=dtype)
         self.register_buffer("memory", memory, persistent=True)
 
     def extra_repr(self) -> str:

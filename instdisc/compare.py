@@ -57,15 +57,18 @@ def compare_knn(run_dir, *, train: str, test: str, k: int = 200, tau: float = 0.
         res = knn_evaluate(a.features, a.labels, b.features, b.labels, k=k, tau=tau)
         rows.append({"features": name, "dim": int(a.features.shape[1]), "top1": res["top1"], "top5": res.get("top5"),
                      "nn1": res.get("nn1"), "seconds": time.perf_counter() - t0})
-        log.info("%s: top1 %.2f%%", name, res["top1"])
+        log.info("%s: top1 %.2f%%", name, 100 * res["top1"])
     return rows
 
 
 def format_table(rows: list[dict], k: int, tau: float) -> str:
-    head = f"weighted kNN (k={k}, tau={tau}, cosine, vote exp(s/tau))"
+    head = f"weighted kNN (k={k}, tau={tau}, cosine, vote exp(s/tau)), accuracy in %"
     lines = [head, f"{'features':<24} {'dim':>5} {'top-1':>7} {'top-5':>7} {'1-NN':>7}"]
+
+    def pct(v):
+        return f"{100 * v:.2f}" if v is not None else "-"
+
     for r in rows:
-        t5 = f"{r['top5']:.2f}" if r.get("top5") is not None else "-"
-        nn1 = f"{r['nn1']:.2f}" if r.get("nn1") is not None else "-"
-        lines.append(f"{r['features']:<24} {r['dim']:>5} {r['top1']:>7.2f} {t5:>7} {nn1:>7}")
+        lines.append(f"{r['features']:<24} {r['dim']:>5} {pct(r['top1']):>7} {pct(r.get('top5')):>7} "
+                     f"{pct(r.get('nn1')):>7}")
     return "\n".join(lines)

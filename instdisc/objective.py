@@ -229,13 +229,18 @@ class Objective(nn.Module):
                                 f"the uniform bank sampler; softmax already scores every slot)")
         self.n_data, self.dim, self.k, self.tau, self.m = n_data, dim, k, tau, m
         self.loss_name, self.negatives, self.positive, self.in_batch = loss, negatives, positive, bool(in_batch)
-        self.bank = MemoryBank(n_data, dim, dtype=bank_dtype, generator=generator)
+        self.bank = self._make_bank(n_data, dim, bank_dtype, generator)
         self.z = NormaliserZ(z_mode, z_momentum)
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, dim={self.dim}, k={self.k}, tau={self.tau}, m={self.m}, "
                 f"loss={self.loss_name!r}, negatives={self.negatives!r}, positive={self.positive!r}, "
                 f"in_batch={self.in_batch}")
+
+    def _make_bank(self, n_data: int, dim: int, dtype: torch.dtype,
+                   generator: torch.Generator | None) -> MemoryBank:
+        """The bank module. A hook: instdisc.distributed.ShardedObjective returns one rank's shard instead."""
+        return MemoryBank(n_data, dim, dtype=dtype, generator=generator)
 
     # ------------------------------------------------------------------ forward
     def forward(self, z: torch.Tensor, idx: torch.Tensor, *, z_pos: torch.Tensor | None = None,

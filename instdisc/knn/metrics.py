@@ -66,7 +66,7 @@ def as_labels(labels: Any, n: int | None = None, name: str = "labels") -> np.nda
         want = f"({n},) to match the features" if n is not None else "(n,)"
         raise InstdiscError(f"{name} must have shape {want}; got {a.shape}")
     a = a.astype(np.int64, copy=False)
-    if n and a.min() < UNLABELED:
+    if a.size and a.min() < UNLABELED:
         raise InstdiscError(f"{name} must be >= 0, or -1 for unlabeled; got {int(a.min())}")
     return a
 
@@ -128,7 +128,8 @@ def weighted_knn_predict(sims: Any, neighbor_labels: Any, n_classes: int, tau: f
     if np.isnan(s).any():
         raise InstdiscError("sims hold NaN")
     q = nl.shape[0]
-    w = np.exp(s / tau)  # (Q, k) vote weights; a -inf similarity (missing neighbour) weighs 0
+    with np.errstate(over="ignore"):  # overflow is reported below
+        w = np.exp(s / tau)  # (Q, k) vote weights; a -inf similarity (missing neighbour) weighs 0
     w[nl < 0] = 0.0
     if not np.isfinite(w).all():
         raise InstdiscError(f"tau={tau} is too small for these similarities: exp(s / tau) overflows float64")
@@ -310,19 +311,26 @@ def map_at_r(ids: Any, query_labels: Any, gallery_labels: Any, *, exclude_self: 
 
 
 def _ap_of_row(row: np.ndarray, row_sorted: np.ndarray, rel: np.ndarray) -> tuple[float, float]:
-    """AP and AP@R of one query. row: (N,) similarities; row_sorted: row ascending; rel: (R,) ascending rows."""
+    """AP and AP@R of one query. row: (N,) similarities; row_sorted: row ascending; rel: (R,) ascending rows.
+
+    rank of a relevant row g = 1 + #{rows with a higher similarity} + #{rows with an equal one and a lower index}.
+    """
     n, r = row.shape[0], rel.shape[0]
     s = row[rel]  # (R,)
-    order = np.argsort(-s, kind="stable")  # relevant items in ranking order (equal sims: lower row first)
+    order = np.argsort(-s, kind="stable")  # relevant rows in ranking order (equal sims: lower row first)
     s, rel = s[order], rel[order]
-    right = np.searchsorted(row_sorted, s, side="right")
-    if np.any(right - np.searchsorted(row_sorted, s, side="left") > 1):  # a tie touches a relevant item
-        full = np.argsort(-row, kind="stable")  # (N,) exact ranking, ties by lower row
-        pos = np.empty(n, dtype=np.int64)
-        pos[full] = np.arange(n)
-        rank = pos[rel] + 1
-    else:
-        rank = n - right + 1  # 1 + number of rows with a strictly higher similarity
+    s_asc = s[::-1].copy()  # ascending keys search faster
+    right = np.searchsorted(row_sorted, s_asc, side="right")[::-1]  # (R,) rows with sim <= s
+    left = np.searchsorted(row_sorted, s_asc, side="left")[::-1]  # (R,) rows with sim < s
+    rank = n - right + 1  # 1 + rows with a strictly higher similarity
+    tied = np.flatnonzero(right - left > 1)  # float32 ties are common at N ~ 1e4+: count the lower rows
+    if tied.size:
+        cand = np.flatnonzero(np.isin(row, s[tied]))  # (m,) every row holding one of the tied values
+        values, group = np.unique(row[cand], return_inverse=True)  # group: which tied value each row holds
+        keys = np.sort(group.astype(np.int64) * n + cand)  # (m,) ordered by (value, row)
+        starts = np.searchsorted(keys, np.arange(len(values), dtype=np.int64) * n)  # first key of each value
+        g_t = np.searchsorted(values, s[tied])  # value group of each tied relevant row
+        rank[tied] += np.searchsorted(keys, g_t * n + rel[tied]) - starts[g_t]  # equal value, lower row
     precision = np.arange(1, r + 1) / rank  # (R,) precision at the j-th relevant item
     return float(precision.sum() / r), float(precision[rank <= r].sum() / r)
 

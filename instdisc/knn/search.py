@@ -104,8 +104,8 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """IVF cells searched per query: nlist / 16 (at least 1, at most nlist)."""
-    return max(1, min(nlist, int(round(nlist / 16))))
+    """IVF cells searched per query: nlist / 16, at least 8 (and at most nlist)."""
+    return min(nlist, max(8, int(round(nlist / 16))))
 
 
 def _default_pq_m(d: int) -> int:
@@ -262,6 +262,10 @@ def build_index(
         cpu_index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
         if kind == "ivfpq":
             cpu_index.do_polysemous_training = False  # only for Hamming-filtered search, which we do not use; slow
+            cpu_index.pq.cp.min_points_per_centroid = 1  # warned about below, once, instead of per sub-quantizer
+            if train_size < 39 * 2 ** pq_nbits:
+                log.warning("ivfpq: %d training rows for 2^%d centroids per sub-quantizer (39 per centroid "
+                            "advised); the codes will be coarse", train_size, pq_nbits)
         ivf = faiss.extract_index_ivf(cpu_index)
         ivf.cp.niter = params["niter"]
         ivf.cp.spherical = True  # unit centroids: cells follow the cosine geometry

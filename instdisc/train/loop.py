@@ -7,9 +7,11 @@ run does (bitwise on CPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import threading
@@ -21,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write_text, check_writable_dir
+from ..atomic import atomic_write_text, check_free_space, check_writable_dir, remove_stale_temps
 from ..data import build_dataset
 from ..data.transforms import TwoView, train_transform
 from ..errors import InstdiscError
 from ..features import extract_features
 from ..method import InstDiscModel, build_model
-from ..seeding import get_rng_state, set_rng_state
+from ..seeding import get_rng_state, seed_everything, set_rng_state
 from ..version import __version__
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -55,6 +57,7 @@ class TrainResult:
     interrupted: bool
     last_loss: float
     model: InstDiscModel
+    stop_signal: int | None = None  # the signal that interrupted the run (SIGINT 2, SIGTERM 15)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,15 +158,51 @@ class _Batches:
             loader = torch.utils.data.DataLoader(src, batch_sampler=[p.tolist() for p in perm[start:]],
                                                  num_workers=cfg.workers,
                                                  pin_memory=self.device.type == "cuda",
-                                                 persistent_workers=False)
+                                                 persistent_workers=False,
+                                                 worker_init_fn=_ignore_sigint if cfg.workers else None,
+                                                 # its base seed from here, not the global RNG (saved in checkpoints)
+                                                 generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 4)))
             for xs, idx in loader:
                 yield idx, [x.to(self.device, non_blocking=True) for x in xs]
 
 
-def _check_resume_config(saved: dict, cfg: TrainConfig, n_data: int, ckpt_data: dict) -> None:
-    if ckpt_data["n"] != n_data:
-        raise InstdiscError(f"cannot resume: the checkpoint's memory bank has {ckpt_data['n']} slots but the dataset "
-                            f"now has {n_data} images")
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C is the main process's to handle (it saves and stops at a step boundary)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _DataError(InstdiscError):
+    """An image could not be read while training (e.g. deleted after the start-up scan)."""
+
+
+def _guarded(batches, start: int, save):
+    """Yield from the batch iterator of an epoch that starts at step ``start``. When an image cannot be read, call
+    ``save(steps_done)`` (every yielded batch was trained on: the state is at a step boundary) and raise a one-line
+    :class:`_DataError` naming the file (DataLoader workers' errors are unwrapped)."""
+    done = start
+    try:
+        for item in batches:
+            yield item
+            done += 1
+    except InstdiscError as e:
+        text = str(e).strip()
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
+            text = text.splitlines()[-1].strip()
+            head, sep, rest = text.partition(": ")
+            text = rest if sep and head.endswith("Error") else text
+        text = text.splitlines()[0] if text else type(e).__name__
+        save(done)
+        raise _DataError(f"{text}; progress is saved at step {done} of this epoch: restore or remove the file, "
+                         f"then continue with --resume") from None
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig, n_data: int, ckpt_data: dict, fingerprint: str) -> None:
+    if ckpt_data.get("n") != n_data:
+        raise InstdiscError(f"cannot resume: the checkpoint's memory bank has {ckpt_data.get('n')} slots but the "
+                            f"dataset now has {n_data} images")
+    if ckpt_data.get("fingerprint") not in (None, fingerprint):
+        raise InstdiscError(f"cannot resume: the dataset's content changed since the run started (fingerprint "
+                            f"{fingerprint}, the run has {ckpt_data['fingerprint']}): same size, other images")
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if diff:
@@ -181,6 +220,38 @@ def build_seeded_model(cfg: TrainConfig, *, n_data: int, in_channels: int, image
         return build_model(cfg, n_data=n_data, in_channels=in_channels, image_size=image_size, generator=gen)
 
 
+def _check_restart(out: Path, cfg: TrainConfig, n_data: int, fingerprint: str) -> None:
+    """``--resume`` on a run that has no checkpoint yet (stopped before its first save): allowed when the run directory
+    exists and its ``config.json``, if written, matches; the run then starts from scratch."""
+    if not out.is_dir():
+        raise InstdiscError(f"--resume: no run directory at {out} (nothing to resume; leave out --resume to start a "
+                            f"new run)")
+    cfg_file = out / "config.json"
+    if cfg_file.exists():
+        try:
+            saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InstdiscError(f"--resume: cannot read {cfg_file}: {e}") from None
+        if not isinstance(saved, dict):
+            raise InstdiscError(f"--resume: {cfg_file} is not an instdisc run config")
+        _check_resume_config(saved, cfg, n_data, saved.get("dataset") or {}, fingerprint)
+    log.warning("--resume: %s has no checkpoint yet (the run stopped before its first save); starting from scratch",
+                out)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _checkpoint_bytes(model: torch.nn.Module, params: list) -> int:
+    """About the size of a checkpoint: the model's state plus one SGD momentum buffer per parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + sum(p.numel() * p.element_size() for p in params) + (1 << 20)
+
+
 def _init_bank_from_encoder(model: InstDiscModel, ds, device, batch_size: int) -> None:
     was = model.training
     model.eval()
@@ -189,86 +260,140 @@ def _init_bank_from_encoder(model: InstDiscModel, ds, device, batch_size: int) -
     model.train(was)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _StopFlag | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _StopFlag | None = None,
+          index_cache: str | os.PathLike | None = None) -> TrainResult:
     """Train ``cfg`` into ``cfg.out``: ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` (atomic).
 
     ``resume=True`` continues from ``cfg.out/checkpoint.pt``. Returns when the run ends or when SIGINT/SIGTERM asked it
-    to stop (after saving a checkpoint at the step boundary).
+    to stop (after saving a checkpoint at the step boundary). ``index_cache``: folder caching the file index of folder
+    and file-list datasets (default ``cfg.out/.index-cache``). Launched by torchrun with WORLD_SIZE > 1, the run is
+    distributed over the processes, with a sharded memory bank (see :mod:`instdisc.distributed`).
     """
     cfg.validate()
-    device = resolve_device(cfg.device)
-    ds = dataset if dataset is not None else build_dataset(
-        cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
-        image_size=cfg.image_size)
+    from ..distributed.session import DistributedRun  # [distributed] None unless WORLD_SIZE > 1
+
+    dist = DistributedRun.from_env(cfg)
+    try:
+        return _train(cfg, resume, dataset, stop_flag, index_cache, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist) -> TrainResult:
+    device = resolve_device(cfg.device) if dist is None else dist.device
+    cache_dir = index_cache if index_cache is not None else Path(cfg.out) / ".index-cache"
+    with contextlib.nullcontext() if dist is None else dist.local_main_first():  # [distributed] one lister per node
+        ds = dataset if dataset is not None else build_dataset(
+            cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
+            image_size=cfg.image_size, cache_dir=cache_dir)
     n = len(ds)
     cfg.validate_for_data(n)
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt = None
-    if resume:
-        if not ckpt_path.exists():
-            raise InstdiscError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path, map_location="cpu")
-        _check_resume_config(ckpt["config"], cfg, n, ckpt["data"])
-    else:
-        if ckpt_path.exists():
-            raise InstdiscError(f"{out} already holds a checkpoint; pass --resume to continue it or choose a new --out")
-        check_writable_dir(out)
-
     use_batch_aug = cfg.augment == "batch" or (cfg.augment == "auto" and getattr(ds, "array", None) is not None)
     if use_batch_aug and getattr(ds, "array", None) is None:
         raise InstdiscError(f"--augment batch needs an in-memory dataset; {cfg.data} is read from files (use pil)")
     data_info = {"n": n, "spec": cfg.data, "channels": ds.channels, "image_size": ds.image_size,
-                 "mean": list(ds.mean), "std": list(ds.std)}
-
-    model = build_seeded_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
-    model.to(device)
+                 "mean": list(ds.mean), "std": list(ds.std), "fingerprint": ds.fingerprint()}
+    if dist is None:
+        model = build_seeded_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
+    else:  # [distributed] same data on every rank; this rank's N/W bank rows only
+        dist.check_data(cfg, n, data_info["fingerprint"])
+        model = dist.build_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
     params = [p for p in model.parameters() if p.requires_grad]
+
+    # Every check runs before anything is written: a refused run leaves the run directory as it was.
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    ckpt = None
+    if resume and ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path, map_location="cpu")
+        _check_resume_config(ckpt["config"], cfg, n, ckpt["data"], data_info["fingerprint"])
+    elif resume:
+        _check_restart(out, cfg, n, data_info["fingerprint"])
+    elif ckpt_path.exists():
+        raise InstdiscError(f"{out} already holds a checkpoint; pass --resume to continue it or choose a new --out")
+    need = max(_checkpoint_bytes(model, params), ckpt_path.stat().st_size if ckpt is not None else 0)
+    check_free_space(_existing_parent(out), need)
+    check_writable_dir(out)
+    stale = remove_stale_temps(out) if dist is None or dist.is_main else []
+    if stale:
+        log.warning("removed %d temp file(s) left by a killed run in %s, e.g. %s", len(stale), out, stale[0].name)
+
+    model.to(device)
+    embed = None if dist is None else dist.wrap(model)  # [distributed] DDP over encoder + head
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    batches = _Batches(cfg, ds, device, use_batch_aug)
+    batches = _Batches(cfg, ds, device, use_batch_aug) if dist is None else dist.batches(cfg, ds, device, use_batch_aug)
     spe = batches.steps_per_epoch
     total_steps = spe * cfg.epochs
+    metrics = MetricsWriter(out / "metrics.jsonl" if dist is None or dist.is_main else os.devnull)
 
-    epoch, start, global_step = 0, 0, 0
+    epoch, start, global_step, epoch_losses = 0, 0, 0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, start, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            epoch, start, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+            set_rng_state(ckpt["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InstdiscError(f"cannot resume: {ckpt_path} does not fit this run ({first[:200]})") from None
+        if dist is not None or "distributed" in ckpt:  # [distributed] another world size: epoch ends only
+            from ..distributed.session import resume_position
+
+            epoch, start, global_step = resume_position(ckpt, spe, 1 if dist is None else dist.world)
+        epoch_losses = [float(x) for x in ckpt.get("epoch_losses", [])]
+        _truncate(metrics.path, ckpt.get("metrics_bytes"))  # drop records of steps that are replayed
         log.info("resumed %s at epoch %d step %d (global step %d)", ckpt_path, epoch + 1, start, global_step)
     else:
+        _truncate(metrics.path, 0)  # a new run (or a restart of one that never saved) starts a new record
+        seed_everything(cfg.seed)  # global RNG state is then a function of (seed, step), saved and restored exactly
         resolved = cfg.to_dict()
         resolved.update(instdisc_version=__version__, git_commit=_git_commit(), device_resolved=str(device),
                         augment_resolved="batch" if use_batch_aug else "pil", dataset=data_info,
                         steps_per_epoch=spe, torch_version=torch.__version__)
-        atomic_write_text(out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        if dist is not None:
+            resolved["distributed"] = dist.checkpoint_info(cfg)
+        if dist is None or dist.is_main:
+            atomic_write_text(out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         if cfg.bank_init == "encoder":
             t0 = time.perf_counter()
-            _init_bank_from_encoder(model, ds, device, max(256, cfg.batch_size))
+            if dist is None:
+                _init_bank_from_encoder(model, ds, device, max(256, cfg.batch_size))
+            else:  # [distributed] every rank embeds its own slots
+                dist.init_bank_from_encoder(model, ds, max(256, cfg.batch_size))
             log.info("memory bank initialised from the untrained encoder in %.1fs", time.perf_counter() - t0)
 
-    metrics = MetricsWriter(out / "metrics.jsonl")
     amp = cfg.amp and device.type == "cuda"
     stop = stop_flag or _StopFlag()
 
-    def checkpoint(ep: int, step_in_epoch: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": {"name": cfg.schedule, "step": global_step}, "epoch": ep, "step_in_epoch": step_in_epoch,
-            "step": global_step, "rng": get_rng_state(), "data": data_info})
+    def checkpoint(ep: int, step_in_epoch: int, losses: list[float]) -> None:
+        state = model.state_dict() if dist is None else dist.full_state_dict(model)  # [distributed] bank -> rank 0
+        if state is not None:
+            save_checkpoint(ckpt_path, {
+                "config": cfg.to_dict(), "model": state, "optimizer": optimizer.state_dict(),
+                "scheduler": {"name": cfg.schedule, "step": global_step}, "epoch": ep, "step_in_epoch": step_in_epoch,
+                "step": global_step, "rng": get_rng_state(), "data": data_info, "epoch_losses": list(losses),
+                "metrics_bytes": metrics.path.stat().st_size if metrics.path.exists() else 0,
+                **({} if dist is None else {"distributed": dist.checkpoint_info(cfg)})})
+        if dist is not None:
+            dist.barrier()  # the file exists before any rank goes on
 
     progress = Progress(total_steps, cfg.batch_size, global_step)
     last_loss = float("nan")
-    interrupted = False
-    knn_monitor = _KnnMonitor(cfg, ds, device) if cfg.knn_every else None
+    interrupted, stop_signal = False, None
+    knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
+                   if cfg.knn_every else None)
     log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s",
              cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil")
     model.train()
     with stop.installed():
         while epoch < cfg.epochs:
-            t_epoch, losses = time.perf_counter(), []
-            for s_idx, (idx, views) in enumerate(batches.epoch(epoch, start), start=start):
-                if stop.signum is not None:
+            t_epoch, losses, epoch_losses = time.perf_counter(), epoch_losses, []
+            on_data_error = (functools.partial(checkpoint, epoch, losses=losses)  # (steps_done) -> save
+                             if dist is None else dist.data_error)
+            for s_idx, (idx, views) in enumerate(_guarded(batches.epoch(epoch, start), start, on_data_error),
+                                                 start=start):
+                if (stop.signum is not None) if dist is None else dist.any_true(stop.signum is not None):
                     interrupted = True
                     break
                 lr = lr_at(global_step, spe, base_lr=cfg.lr, epochs=cfg.epochs, schedule=cfg.schedule,
@@ -277,17 +402,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
                     group["lr"] = lr
                 idx = idx.to(device)
                 g_neg = torch.Generator(device=device).manual_seed(_mix(cfg.seed, epoch, s_idx, 3))
-                loss, stats, z_update = _step_loss(model, views, idx, cfg, g_neg, amp)
-                if not torch.isfinite(loss):
+                loss, stats, z_update = _step_loss(model, views, idx, cfg, g_neg, amp, embed)
+                loss_value = loss.item() if dist is None else dist.mean(loss.item())  # [distributed] global batch
+                if dist is not None:
+                    stats["loss"] = loss_value
+                if not math.isfinite(loss_value):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {s_idx + 1}; the last good checkpoint "
+                        f"loss became {loss_value} at epoch {epoch + 1} step {s_idx + 1}; the last good checkpoint "
                         f"is kept at {ckpt_path if ckpt_path.exists() else '(none yet)'}; try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 model.objective.update(idx, z_update)
                 global_step += 1
-                last_loss = loss.item()
+                last_loss = loss_value
                 losses.append(last_loss)
                 if global_step % cfg.log_every == 0 or s_idx + 1 == spe:
                     sps, ips, eta = progress.rates(global_step)
@@ -296,13 +424,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
                     metrics.write({"type": "step", "epoch": epoch + 1, "step": s_idx + 1, "global_step": global_step,
                                    "lr": lr, "steps_per_s": sps, "images_per_s": ips, "eta_s": eta, **stats})
                 if cfg.save_every and global_step % cfg.save_every == 0 and s_idx + 1 < spe:
-                    checkpoint(epoch, s_idx + 1)
+                    checkpoint(epoch, s_idx + 1, losses)
             else:
                 s_idx = spe - 1
             if interrupted:
-                checkpoint(epoch, s_idx)
+                stop_signal = stop.signum
+                checkpoint(epoch, s_idx, losses)
                 log.warning("stopped by signal %d: checkpoint saved at epoch %d step %d; continue with --resume",
-                            stop.signum, epoch + 1, s_idx)
+                            stop_signal, epoch + 1, s_idx)
                 break
             epoch, start = epoch + 1, 0
             record = {"type": "epoch", "epoch": epoch, "global_step": global_step,
@@ -310,20 +439,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
                       "seconds": time.perf_counter() - t_epoch}
             if knn_monitor is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
                 record.update(knn_monitor(model))
-                log.info("epoch %d kNN (bank, k=%d) top1 %.2f%%", epoch, cfg.knn_k, record["knn_top1"])
-            checkpoint(epoch, 0)
-            metrics.write(record)
+                log.info("epoch %d kNN (bank, k=%d) top1 %.2f%%", epoch, cfg.knn_k, 100 * record["knn_top1"])
+            metrics.write(record)  # before the checkpoint, which records the metrics file's length
+            checkpoint(epoch, 0, [])
             log.info("epoch %d/%d done in %.1fs, mean loss %.4f", epoch, cfg.epochs, record["seconds"], record["loss"])
-    return TrainResult(out, epoch, global_step, interrupted, last_loss, model)
+    return TrainResult(out, epoch, global_step, interrupted, last_loss, model, stop_signal)
+
+
+def _truncate(path: Path, nbytes: int | None) -> None:
+    """Cut ``path`` back to ``nbytes`` (records written after the checkpoint that a resume replays)."""
+    if nbytes is None or not path.exists() or path.stat().st_size <= nbytes:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(nbytes)
 
 
 def _step_loss(model: InstDiscModel, views: list[torch.Tensor], idx: torch.Tensor, cfg: TrainConfig,
-               g_neg: torch.Generator, amp: bool):
-    """Loss of one batch and the embedding that refreshes the batch's bank slots."""
+               g_neg: torch.Generator, amp: bool, embed=None):
+    """Loss of one batch and the embedding that refreshes the batch's bank slots (``embed``: the DDP-wrapped
+    encoder + head of a distributed run; default ``model.embed``)."""
     B = idx.shape[0]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with ctx:
-        z = model.embed(torch.cat(views, 0))  # (V*B, low_dim)
+        z = (model.embed if embed is None else embed)(torch.cat(views, 0))  # (V*B, low_dim)
     z = F.normalize(z.float(), dim=1)
     if cfg.views == 1:
         loss, stats = model.objective(z, idx, generator=g_neg)

@@ -1,0 +1,281 @@
+"""A training run spread over W processes (torchrun): process group, sharded model, DDP, and the hooks the training
+loop calls. Covered by tests/test_distributed_train.py (2 CPU processes, gloo) and tests/test_distributed.py.
+
+``DistributedRun.from_env(cfg)`` returns None unless the process was launched with WORLD_SIZE > 1 (torchrun sets
+WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process never touches torch.distributed.
+Backend: NCCL with device cuda:LOCAL_RANK when CUDA is used, gloo on CPU. Collectives time out after
+INSTDISC_DIST_TIMEOUT_MIN minutes (default 60: rank 0 may be listing and checking a million files while the others
+wait for its index cache).
+
+What each rank holds: the encoder and head (replicated, DDP keeps them equal), a ``ShardedObjective`` with its
+N/W bank rows, and the batches of its own slots (``ShardedBatches``). Checkpoints gather the bank on rank 0, which
+writes the same file a single process writes (full N x D bank) plus ``distributed: {world_size, ...}``; any world
+size can load it (the bank is re-sliced on load), see :func:`resume_position` for what resuming allows.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import InstdiscError
+from ..method import InstDiscModel, _BANK_DTYPES
+from ..models import ProjectionHead, build_encoder
+from . import comm
+from .data import ShardedBatches, local_batch_size
+from .objective import ShardedObjective
+from .partition import StridedPartition
+
+__all__ = ["DistributedRun", "launched_world_size", "resume_position", "BANK_KEY"]
+
+log = logging.getLogger("instdisc.train")
+
+BANK_KEY = "objective.bank.memory"
+PARTITION = "strided"  # slot g on rank g % W
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE of the environment (torchrun), 1 when unset."""
+    text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise InstdiscError(f"WORLD_SIZE must be an integer, got {text!r}") from None
+
+
+def _env_int(name: str) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        raise InstdiscError(f"WORLD_SIZE is set but {name} is not: launch with torchrun (it sets RANK, LOCAL_RANK, "
+                            f"MASTER_ADDR and MASTER_PORT)")
+    try:
+        return int(text)
+    except ValueError:
+        raise InstdiscError(f"{name} must be an integer, got {text!r}") from None
+
+
+def resume_position(ckpt: dict, steps_per_epoch: int, world: int) -> tuple[int, int, int]:
+    """(epoch, step_in_epoch, global_step) to continue a checkpoint with ``world`` processes.
+
+    Same world size: exactly where it stopped. Another world size: the shards are re-cut from the full bank, but the
+    batches of an epoch depend on the partition, so only a checkpoint from an epoch end can be continued (a
+    mid-epoch one is refused); the global step is re-counted with this run's steps per epoch."""
+    saved = int((ckpt.get("distributed") or {}).get("world_size", 1))
+    epoch, start, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+    if saved == world:
+        return epoch, start, step
+    if start != 0:
+        raise InstdiscError(f"cannot resume: the checkpoint was saved in the middle of epoch {epoch + 1} (step "
+                            f"{start}) by {saved} process(es) and this run has {world}; resume it with {saved} "
+                            f"process(es), or from a checkpoint saved at an epoch end")
+    log.info("resuming a %d-process checkpoint with %d process(es): bank re-partitioned at the end of epoch %d",
+             saved, world, epoch)
+    return epoch, 0, epoch * steps_per_epoch
+
+
+class _Embedder(nn.Module):
+    """encoder -> head, the part DDP replicates (the bank stays out of DDP: it is sharded, not broadcast)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))  # (B, low_dim)
+
+
+def _subset(ds, idx: np.ndarray):
+    """An IndexedDataset of rows ``idx`` of ``ds`` (for embedding one rank's shard)."""
+    from ..data.dataset import IndexedDataset
+
+    common = dict(spec=ds.spec, labels=ds.labels[idx], classes=ds.classes, channels=ds.channels,
+                  image_size=ds.image_size, mean=ds.mean, std=ds.std)
+    if ds.array is not None:
+        return IndexedDataset(array=ds.array[torch.from_numpy(idx)], **common)
+    paths = ds.paths.subset(idx) if hasattr(ds.paths, "subset") else [ds.paths[i] for i in idx]
+    return IndexedDataset(paths=paths, **common)
+
+
+class DistributedRun:
+    """This process's place in a multi-process run, and the loop's distributed hooks (all collectives)."""
+
+    def __init__(self, rank: int, world: int, local_rank: int, device: torch.device, owns_group: bool):
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.owns_group = owns_group
+        self.is_main = rank == 0
+        self.partition: StridedPartition | None = None
+        self.sync_bn = False
+        self._log_level = None
+
+    # ------------------------------------------------------------------ set-up / tear-down
+    @classmethod
+    def from_env(cls, cfg) -> "DistributedRun | None":
+        world = launched_world_size()
+        if world <= 1:
+            return None
+        rank, local_rank = _env_int("RANK"), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            if not torch.cuda.is_available():
+                raise InstdiscError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+            if local_rank >= torch.cuda.device_count():
+                raise InstdiscError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} "
+                                    f"GPU(s): --nproc_per_node must not exceed the GPUs per node")
+            torch.cuda.set_device(local_rank)
+            device, backend = torch.device("cuda", local_rank), "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        sync_bn = bool(cfg.extra.get("sync_bn", False))
+        if sync_bn and device.type != "cuda":
+            raise InstdiscError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
+        owns = False
+        if dist.is_initialized():
+            if dist.get_world_size() != world or dist.get_rank() != rank:
+                raise InstdiscError(f"a process group of size {dist.get_world_size()} (rank {dist.get_rank()}) is "
+                                    f"already initialised, but WORLD_SIZE={world} RANK={rank}")
+        else:
+            minutes = float(os.environ.get("INSTDISC_DIST_TIMEOUT_MIN", "60"))
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(minutes=minutes))
+            owns = True
+        run = cls(rank, world, local_rank, device, owns)
+        run.sync_bn = sync_bn
+        if not run.is_main:  # one copy of the progress lines: the other ranks log warnings and errors only
+            root = logging.getLogger("instdisc")
+            run._log_level = root.level
+            root.setLevel(logging.WARNING)
+        log.info("distributed: %d processes (%s), this is rank %d on %s", world, backend, rank, device)
+        return run
+
+    def close(self) -> None:
+        if self._log_level is not None:
+            logging.getLogger("instdisc").setLevel(self._log_level)
+            self._log_level = None
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """Run the body on each node's local rank 0 first (it fills the file-index cache), then on the others."""
+        if self.local_rank != 0:
+            dist.barrier()
+        yield
+        if self.local_rank == 0:
+            dist.barrier()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checks
+    def check_data(self, cfg, n: int, fingerprint: str) -> None:
+        """Same dataset on every rank, a global batch the ranks can split, shards holding a batch each."""
+        every = [None] * self.world
+        dist.all_gather_object(every, (n, fingerprint))
+        if len(set(every)) > 1:
+            bad = next(r for r, v in enumerate(every) if v != every[0])
+            raise InstdiscError(f"the ranks see different datasets: rank 0 has {every[0][0]} images (fingerprint "
+                                f"{every[0][1]}), rank {bad} has {every[bad][0]} ({every[bad][1]})")
+        local_batch_size(cfg.batch_size, self.world)
+        self.partition = StridedPartition(n, self.world, self.rank)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, cfg, *, n_data: int, in_channels: int, image_size: int) -> InstDiscModel:
+        """The model of ``build_seeded_model`` (same encoder and head weights; bank = this rank's rows of the same
+        initial bank) without ever holding the N x D bank."""
+        from ..train.loop import _mix
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(cfg.seed, 0, 5))
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, 0))
+            encoder = build_encoder(cfg.arch, in_channels=in_channels, image_size=image_size)
+            head = ProjectionHead(encoder.feature_dim, cfg.low_dim, kind=cfg.head)
+            objective = ShardedObjective(n_data, cfg.low_dim, partition=self.partition, k=cfg.nce_k, tau=cfg.nce_t,
+                                         m=cfg.nce_m, loss=cfg.loss, negatives=cfg.negatives,
+                                         positive=cfg.positive, in_batch=cfg.in_batch, z_mode=cfg.z_mode,
+                                         bank_dtype=_BANK_DTYPES[cfg.bank_dtype], generator=gen)
+        model = InstDiscModel(encoder, head, objective)
+        rows = self.partition.size
+        log.info("sharded memory bank: %d of %d rows on each rank (%.1f MB, the full bank would be %.1f MB)",
+                 rows, n_data, rows * cfg.low_dim * objective.bank.memory.element_size() / 1e6,
+                 n_data * cfg.low_dim * objective.bank.memory.element_size() / 1e6)
+        return model
+
+    def wrap(self, model: InstDiscModel):
+        """DDP over encoder + head (SyncBatchNorm first with --sync-bn); returns the callable the loop embeds with.
+        Call after ``model.to(device)`` and before the optimizer is built."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if self.sync_bn:  # the converted modules reuse the same Parameters; state_dict keys do not change
+            model.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder)
+            model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(_Embedder(model.encoder, model.head), device_ids=ids)
+
+    def batches(self, cfg, ds, device, use_batch_aug: bool) -> ShardedBatches:
+        return ShardedBatches(cfg, ds, device, use_batch_aug, self.partition)
+
+    @torch.no_grad()
+    def init_bank_from_encoder(self, model: InstDiscModel, ds, batch_size: int) -> None:
+        """Each rank embeds its own slots (eval transform) and sets its rows."""
+        from ..features import extract_features
+
+        was = model.training
+        model.eval()
+        mine = self._owned_dataset(ds)
+        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device)
+        model.objective.init_bank(torch.from_numpy(feats.features).to(self.device))
+        model.train(was)
+
+    def _owned_dataset(self, ds):
+        return _subset(ds, self.partition.owned().numpy())
+
+    def knn_monitor(self, cfg, ds):
+        from .knn import DistributedKnnMonitor
+
+        return DistributedKnnMonitor(cfg, ds, self.device, self.partition)
+
+    # ------------------------------------------------------------------ per step
+    def _reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (e.g. a stop signal that reached one process)."""
+        return self._reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
+
+    def mean(self, value: float) -> float:
+        """Mean over ranks (nan or inf anywhere makes it non-finite everywhere)."""
+        return self._reduce([float(value)])[0] / self.world
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_info(self, cfg) -> dict:
+        return {"world_size": self.world, "partition": PARTITION, "batch_per_rank": cfg.batch_size // self.world,
+                "backend": dist.get_backend()}
+
+    def full_state_dict(self, model: InstDiscModel) -> dict | None:
+        """model.state_dict() with the full N x D bank (CPU) on rank 0, None on the others. A collective."""
+        sd = model.state_dict()
+        local = sd[BANK_KEY]
+        padded = comm.gather_rows_to_main(local, self.partition.max_size)  # (W, ceil(N/W), D) on rank 0
+        if not self.is_main:
+            return None
+        sd[BANK_KEY] = self.partition.interleave(padded).contiguous()  # N x D in global slot order
+        return sd
+
+    def data_error(self, steps_done: int) -> None:
+        """The loop's "an image could not be read" save hook. A checkpoint is a collective that the other ranks
+        (busy in the step's collectives) cannot join, so nothing is saved: the run stops with the last checkpoint."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1] if exc is not None else "unreadable image"
+        raise InstdiscError(f"{text} (rank {self.rank}, step {steps_done} of this epoch); a distributed run keeps only "
+                            f"its last checkpoint (use --save-every): restore or remove the file, then --resume")

@@ -1,0 +1,79 @@
+"""Build an output directory beside its final name and rename it into place: complete or absent.
+
+Covered by tests/test_export_atomic_dir.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from ..atomic import check_writable_dir
+from ..errors import InstdiscError
+
+__all__ = ["atomic_directory", "check_can_replace"]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_can_replace(out: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
+    """Refuse an existing ``out`` unless ``overwrite``; check that its parent folder can be written."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InstdiscError(f"{what} {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InstdiscError(f"{what} {out} exists and is not a directory")
+    check_writable_dir(out.parent)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out``; when the block ends without error it becomes ``out``.
+
+    An existing ``out`` is refused unless ``overwrite``; with it, the old folder stays in place until the new one
+    is complete, is then moved aside, and is deleted after the rename. On error the temporary folder is removed.
+    """
+    out = check_can_replace(out, overwrite, what)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if out.exists():
+            if not overwrite:  # appeared while we were writing
+                raise InstdiscError(f"{what} {out} appeared while writing; pass --overwrite to replace it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:  # put the previous output back
+                os.replace(old, out)
+            raise
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,39 @@
+import json
+
+from click.testing import CliRunner
+
+from instdisc_cli.main import cli
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_train_and_resume_cli(fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "fashion-mnist:train", "--data-root", str(fake_mnist), "--out", str(out), "--arch",
+            "convnet-tiny", "--batch-size", "16", "--nce-k", "32", "--low-dim", "8", "--epochs", "1"]
+    r = run(base)
+    assert r.exit_code == 0, r.output
+    assert "done: 1 epochs" in r.output
+    r = run(base[:-1] + ["2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "done: 2 epochs" in r.output
+    assert json.loads((out / "config.json").read_text())["arch"] == "convnet-tiny"
+
+
+def test_paper_recipe_flags(fake_mnist, tmp_path):
+    r = run(["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out", str(tmp_path / "p"), "--recipe",
+             "paper", "--arch", "convnet-tiny", "--batch-size", "32", "--nce-k", "16", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["loss"], cfg["positive"], cfg["negatives"], cfg["nce_t"], cfg["nce_m"]) == (
+        "nce", "bank", "per-sample", 0.07, 0.5)
+
+
+def test_bad_input_one_line_exit_2(fake_mnist, tmp_path):
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
+                                 str(tmp_path / "x"), "--nce-t", "0"])
+    assert r.exit_code == 2
+    assert r.output.strip().startswith("error:") and "tau" in r.output and len(r.output.strip().splitlines()) == 1
+    assert "Traceback" not in r.output

@@ -1,0 +1,82 @@
+"""SIGTERM and Ctrl-C: a checkpoint at the next step boundary, exit 128 + signal, and a bitwise-exact resume.
+
+Covers the signal path of instdisc/train/loop.py (``_StopFlag``, DataLoader workers ignoring SIGINT) and the exit
+status of cli/train.py. The SIGTERM test runs the installed ``instdisc`` console script as a plain subprocess.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from _image_helpers import make_mixed_folder
+from _kill_helpers import CliProcess, assert_bitwise_equal, metrics_records, wait_for
+from instdisc.train.checkpoint import read_checkpoint
+
+INSTDISC = Path(sys.executable).with_name("instdisc")
+
+
+def mnist_args(root, out, *extra, epochs=8):
+    args = ["train", "fashion-mnist:train", "--data-root", root, "--out", out, "--arch", "convnet-tiny",
+            "--batch-size", "16", "--nce-k", "32", "--low-dim", "16", "--log-every", "1", "--epochs", epochs, *extra]
+    return [str(a) for a in args]
+
+
+def steps_logged(run: Path) -> int:
+    p = run / "metrics.jsonl"
+    return p.read_text().count('"type": "step"') if p.exists() else 0
+
+
+def assert_same_run(ref: Path, run: Path) -> None:
+    a, b = read_checkpoint(ref), read_checkpoint(run)
+    for key in ("model", "optimizer", "rng", "epoch", "step", "step_in_epoch", "epoch_losses"):
+        assert_bitwise_equal(a[key], b[key], key)
+    assert metrics_records(run) == metrics_records(ref)
+
+
+def test_sigterm_saves_at_step_boundary_and_resumes_exactly(fake_mnist, tmp_path):
+    ref = CliProcess(mnist_args(fake_mnist, tmp_path / "ref"), tmp_path / "ref.log")
+    assert ref.wait() == 0, ref.output()
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one torch thread, as in the reference: bitwise comparable
+    with open(tmp_path / "out.txt", "wb") as out, open(tmp_path / "err.txt", "wb") as err:
+        proc = subprocess.Popen([str(INSTDISC), *mnist_args(fake_mnist, run)], stdout=out, stderr=err, env=env)
+        try:
+            wait_for(lambda: steps_logged(run) >= 3 or proc.poll() is not None, timeout=120, what="3 steps")
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert rc == 128 + signal.SIGTERM, stdout + stderr
+    assert "interrupted (resume with --resume)" in stdout
+    assert "stopped by signal 15: checkpoint saved" in stderr and "Traceback" not in stderr
+    ckpt = read_checkpoint(run)
+    assert 3 <= ckpt["step"] < 48
+
+    last = CliProcess(mnist_args(fake_mnist, run, "--resume"), tmp_path / "resume.log")
+    assert last.wait() == 0, last.output()
+    assert_same_run(tmp_path / "ref", run)
+
+
+def test_ctrl_c_to_process_group_with_dataloader_workers(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the trainer and its DataLoader worker."""
+    folder = make_mixed_folder(tmp_path / "imgs", n_per_class=16)
+    args = ["train", str(folder), "--arch", "convnet-tiny", "--image-size", "32", "--batch-size", "8", "--nce-k",
+            "16", "--low-dim", "8", "--log-every", "1", "--epochs", "2", "--workers", "1", "--augment", "pil"]
+    ref = CliProcess(args + ["--out", str(tmp_path / "ref")], tmp_path / "ref.log")
+    assert ref.wait() == 0, ref.output()
+
+    run = tmp_path / "run"
+    p = CliProcess(args + ["--out", str(run)], tmp_path / "run.log", slow_step=0.1)
+    wait_for(lambda: steps_logged(run) >= 2 or not p.alive(), timeout=120, what="2 steps")
+    p.signal_group(signal.SIGINT)
+    assert p.wait() == 128 + signal.SIGINT, p.output()
+    assert "stopped by signal 2: checkpoint saved" in p.output() and "Traceback" not in p.output()
+    assert 2 <= read_checkpoint(run)["step"] < 12
+
+    last = CliProcess(args + ["--out", str(run), "--resume"], tmp_path / "resume.log")
+    assert last.wait() == 0, last.output()
+    assert_same_run(tmp_path / "ref", run)

@@ -19,8 +19,13 @@ allocates (gathered rows, logits, autograd's saved tensors, gradients) but not t
 the Python heap; both implementations are measured the same way.
 
 ratio = baseline ms / ours ms (speed-up, > 1 is faster); mem_ratio = ours peak / baseline peak. The rows also carry
-cpu_ms_per_step (median process CPU time per step, all threads), a number that load from other processes on the
-machine skews much less than wall time; the table's "cpu x" column is the CPU-time speed-up.
+cpu_ms_per_step (median CPU time of this process per step, all threads; the table's "cpu x" is the CPU-time
+speed-up).
+
+Busy machines: with several torch threads every parallel op waits for its slowest thread, and a core shared with
+another job delays that thread by a scheduler time slice, so a head made of many small ops (ours) is penalised far
+more than one made of a few huge ones (the baseline). When the load average exceeds the core count, measure with
+--threads 1 (the JSON records torch_threads and the load averages); CPU time is then a load-robust check too.
 """
 from __future__ import annotations
 

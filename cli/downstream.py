@@ -59,19 +59,17 @@ def linear_probe_cmd(model, train_spec, test_spec, data_root, limit, layer, opti
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--no-augment", "augment", flag_value=False, default=True, help="Train without augmentation.")
-@click.option("--head-init", type=click.Choice(["probe", "random"]), default="probe", show_default=True,
-              help="Start the new layer from a linear probe on the frozen features (LP-FT) or at random.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 def finetune_cmd(model, train_spec, test_spec, out, data_root, limit, epochs, lr, weight_decay, batch_size, augment,
-                 head_init, device, workers, seed, overwrite, as_json):
+                 device, workers, seed, overwrite, as_json):
     """Fine-tune MODEL's encoder with a new linear layer on labelled data; save it to --out."""
     res = finetune(model, train_spec, test_spec, out, epochs=epochs, lr=lr, weight_decay=weight_decay,
                    batch_size=batch_size, augment=augment, device=resolve_device(device), seed=seed, limit=limit,
-                   data_root=data_root, workers=workers, overwrite=overwrite, head_init=head_init)
+                   data_root=data_root, workers=workers, overwrite=overwrite)
     click.echo(f"fine-tuned {res.epochs} epochs on {res.n_train} images: top-1 {_fmt(res.top1)}  "
                f"top-5 {_fmt(res.top5)}  ({res.seconds:.1f}s), saved to {out}")
     if as_json:

@@ -34,6 +34,7 @@ from .app import cli, data_options
 @click.option("--bank-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
 @click.option("--bank-init", type=click.Choice(["random", "encoder"]), default=None)
 @click.option("--augment", type=click.Choice(["auto", "batch", "pil"]), default=None)
+@click.option("--crop-min", type=float, default=None, help="Smallest crop area fraction (InstDisc: 0.2).")
 @click.option("--epochs", type=int, default=None, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default 256).")
 @click.option("--lr", type=float, default=None)

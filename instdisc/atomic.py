@@ -75,8 +75,8 @@ def check_free_space(directory: str | os.PathLike, nbytes: int, margin: float = 
 def check_writable_dir(directory: str | os.PathLike) -> Path:
     """Create ``directory`` if needed and check that files can be created in it.
 
-    The check creates and removes a probe file: ``os.access`` answers "yes" to root even for a read-only mount or an
-    immutable directory.
+    The check creates and removes a probe file, so the file system itself answers (``os.access`` answers for the real
+    user id from permission bits and flags, and can be wrong where the server decides, e.g. root-squashed NFS).
     """
     d = Path(directory)
     try:

@@ -13,9 +13,10 @@ momentum m. Every logit is s / tau with s = z . v, computed as (z / tau) . v.
 
 Per-sample negatives never build the reference's B x K x D gather (512 MiB at B = 256, K = 4096, D = 128):
 ``per_sample_logits`` computes the (B, K) dot products in one fused kernel (the one autograd uses for the gradient
-of ``embedding_bag`` w.r.t. ``per_sample_weights``) and its backward is one ``embedding_bag``,
+of ``embedding_bag`` w.r.t. ``per_sample_weights``), or, on a single CPU thread, tile by tile (at most
+GATHER_BLOCK_ROWS gathered rows at once, then matrix-vector products); its backward is one ``embedding_bag``,
 grad_zs_i = sum_k g_ik v_{n_ik}. Only the bank (by reference) and the (B, K) indices are kept for backward. For a bank
-stored in another dtype than z, rows are gathered at most GATHER_BLOCK_ROWS at a time and re-gathered in backward.
+stored in another dtype than z, the tiled path is used and each tile is re-gathered in backward.
 
 State changes: the bank only changes in ``update``/``init_bank`` (called explicitly by the training loop after
 ``optimizer.step()``). The one exception is the Z estimate: with loss "nce" and ``observe_z=True`` (default),
@@ -41,7 +42,7 @@ __all__ = ["Objective", "per_sample_logits", "LOSSES", "NEGATIVES", "POSITIVES",
 LOSSES = ("nce", "infonce", "softmax")
 NEGATIVES = ("per-sample", "shared")
 POSITIVES = ("bank", "view")
-GATHER_BLOCK_ROWS = 32768  # tiled per-sample path: bank rows gathered at once (16 MiB at D = 128, float32)
+GATHER_BLOCK_ROWS = 4096  # tiled per-sample path: bank rows gathered at once (2 MiB at D = 128, float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,16 +123,16 @@ def _tiled_gather_dot_grad(grad: torch.Tensor, memory: torch.Tensor, neg_idx: to
 class _PerSampleLogits(torch.autograd.Function):
     """logits[i, k] = zs[i] . memory[neg_idx[i, k]]; gradient w.r.t. zs only (the bank is not a parameter).
 
-    fused=True (bank dtype == zs dtype): forward is one dot-product kernel over the (i, k) pairs, backward one
-    ``embedding_bag`` (weighted row sums, grad_zs[i] = sum_k g[i, k] v_{n_ik}); no gathered rows are ever stored.
-    fused=False: forward gathers at most ``block_rows`` bank rows per tile; backward recomputes each tile's gather.
-    Either way only the bank (by reference) and the indices are saved for backward.
+    Forward: fused=True is one dot-product kernel over the (i, k) pairs; fused=False gathers at most ``block_rows``
+    bank rows per tile into a reused buffer and takes matrix-vector products. Backward, bank dtype == zs dtype: one
+    ``embedding_bag`` (weighted row sums, grad_zs[i] = sum_k g[i, k] v_{n_ik}); otherwise each tile's gather is
+    recomputed. No gathered rows are kept: only the bank (by reference) and the indices are saved for backward.
     """
 
     @staticmethod
     def forward(ctx, zs, memory, neg_idx, block_rows, fused):  # noqa: D102 - see class docstring
         ctx.save_for_backward(memory, neg_idx)  # the version counter catches an in-place bank update before backward
-        ctx.block_rows, ctx.fused = block_rows, fused
+        ctx.block_rows = block_rows
         if neg_idx.numel() == 0:
             return zs.new_empty(neg_idx.shape)
         if fused:
@@ -145,7 +146,7 @@ class _PerSampleLogits(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         grad_out = grad_out.contiguous()
-        if ctx.fused and neg_idx.numel():
+        if memory.dtype == grad_out.dtype and neg_idx.numel():
             grad_zs = F.embedding_bag(neg_idx, memory, mode="sum", per_sample_weights=grad_out)  # B x D
         else:
             grad_zs = _tiled_gather_dot_grad(grad_out, memory, neg_idx, ctx.block_rows)
@@ -161,7 +162,10 @@ def per_sample_logits(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Ten
         memory: (N, D) bank, no grad; any float dtype.
         neg_idx: (B, K) int64 slots.
         block_rows: tiled path: most bank rows gathered at once (extra memory: block_rows x D).
-        impl: "fused" (needs memory.dtype == zs.dtype), "tiled", or "auto" (fused when possible).
+        impl: "fused" (needs memory.dtype == zs.dtype), "tiled", or "auto": fused, except on a CPU limited to one
+            thread (``torch.get_num_threads() == 1``), where the tiled gather + matrix-vector path is faster, and for
+            a bank stored in another dtype (tiled). The fused kernel is one parallel region, so it also degrades
+            least when other processes compete for the cores.
     """
     if memory.requires_grad:
         raise InstdiscError("per_sample_logits: the bank must not require grad")
@@ -175,7 +179,10 @@ def per_sample_logits(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Ten
     can_fuse = memory.dtype == zs.dtype and _fused_available()
     if impl == "fused" and not can_fuse:
         raise InstdiscError(f"impl='fused' needs the bank dtype ({memory.dtype}) to equal zs dtype ({zs.dtype})")
-    fused = can_fuse and impl != "tiled"
+    if impl == "auto":
+        fused = can_fuse and not (zs.device.type == "cpu" and torch.get_num_threads() == 1)
+    else:
+        fused = impl == "fused"
     return _PerSampleLogits.apply(zs, memory, neg_idx.to(torch.int64).contiguous(), int(block_rows), fused)
 
 

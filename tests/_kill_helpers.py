@@ -11,7 +11,9 @@ Optional test hooks live here, in the child, never in the library:
 * every ``os.replace`` onto ``checkpoint.pt`` first appends a line to ``<log>.saves`` (the temp file is then complete
   and fsynced), so a test can count saves; with ``slow_save`` it then sleeps that long, so a test can kill the process
   *inside* a checkpoint write, between the temp file and the rename.
-* ``slow_step``: every training step sleeps this long, so a signal sent after step k lands well before the run ends.
+* ``slow_step``: every training step sleeps this long, so a signal sent after step k lands well before the run ends;
+  ``slow={"module:function": seconds}`` does the same for any function (per item for a generator function).
+* ``start_method``: how the child starts DataLoader workers (default: the platform's, as a real ``instdisc``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["CliProcess", "snapshot", "wait_for"]
+__all__ = ["CliProcess", "assert_bitwise_equal", "metrics_records", "snapshot", "wait_for"]
 
 _CTX = None
 _PLATFORM_START_METHOD = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
@@ -36,11 +38,32 @@ def _context():
     return _CTX
 
 
-def _child(args: list[str], log_path: str, slow_save: float, slow_step: float, threads: int) -> None:
+def _slow_down(target: str, seconds: float) -> None:
+    """Make ``"module:function"`` sleep ``seconds`` before each call (before each item for a generator function)."""
+    import importlib
+    import inspect
+
+    mod_name, attr = target.split(":")
+    mod = importlib.import_module(mod_name)
+    real = getattr(mod, attr)
+    if inspect.isgeneratorfunction(real):
+        def slowed(*a, **kw):
+            for item in real(*a, **kw):
+                time.sleep(seconds)
+                yield item
+    else:
+        def slowed(*a, **kw):
+            time.sleep(seconds)
+            return real(*a, **kw)
+    setattr(mod, attr, slowed)
+
+
+def _child(args: list[str], log_path: str, slow_save: float, slow: dict, threads: int,
+           start_method: str | None) -> None:
     os.setsid()
     # A child of the forkserver inherits its start method; a real `instdisc` process starts DataLoader workers with
-    # the platform default (fork on Linux), which is also what keeps worker start-up cheap here.
-    multiprocessing.set_start_method(_PLATFORM_START_METHOD, force=True)
+    # the platform default (fork on Linux before Python 3.14), which is also what keeps worker start-up cheap here.
+    multiprocessing.set_start_method(start_method or _PLATFORM_START_METHOD, force=True)
     if threads:
         import torch
 
@@ -61,16 +84,8 @@ def _child(args: list[str], log_path: str, slow_save: float, slow_step: float, t
         return real_replace(src, dst, *a, **kw)
 
     os.replace = tracked_replace
-    if slow_step:
-        from instdisc.train import loop
-
-        real_step = loop._step_loss
-
-        def slow_step_loss(*a, **kw):
-            time.sleep(slow_step)
-            return real_step(*a, **kw)
-
-        loop._step_loss = slow_step_loss
+    for target, seconds in (slow or {}).items():
+        _slow_down(target, seconds)
     from instdisc_cli.main import cli
 
     cli.main(args=list(args), prog_name="instdisc")  # raises SystemExit(status); multiprocessing uses it as exitcode
@@ -80,15 +95,18 @@ class CliProcess:
     """``instdisc ARGS`` in a forked child (see the module docstring). ``exitcode`` is -9 after SIGKILL."""
 
     def __init__(self, args: list[str], log: Path, *, slow_save: float = 0.0, slow_step: float = 0.0,
-                 threads: int = 1):
+                 slow: dict[str, float] | None = None, threads: int = 1, start_method: str | None = None):
         self.log = Path(log)
         self.saves = Path(str(log) + ".saves")
         for p in (self.log, self.saves):
             if p.exists():
                 p.unlink()
+        slow = dict(slow or {})
+        if slow_step:
+            slow["instdisc.train.loop:_step_loss"] = slow_step
         self.t0 = time.monotonic()
         self.proc = _context().Process(target=_child, args=([str(a) for a in args], str(self.log), slow_save,
-                                                            slow_step, threads))
+                                                            slow, threads, start_method))
         self.proc.start()
 
     @property

@@ -138,6 +138,10 @@ def test_sharded_batches_partition_each_epoch(fake_mnist, tmp_path):
     assert not torch.equal(ShardedBatches(cfg, ds, torch.device("cpu"), True, StridedPartition(96, 2, 0))
                            .permutation(0)[:8], ShardedBatches(cfg, ds, torch.device("cpu"), True,
                                                                StridedPartition(96, 2, 0)).permutation(1)[:8])
+    pil = ShardedBatches(cfg, ds, torch.device("cpu"), False, StridedPartition(96, 2, 1))  # file-dataset path
+    batches = list(pil.epoch(0, 4))  # resumed at step 4 of 6
+    assert len(batches) == 2 and all((idx % 2 == 1).all() and idx.shape == (8,) for idx, _ in batches)
+    assert torch.equal(torch.cat([idx for idx, _ in batches]), pil.permutation(0)[32:48])
     with pytest.raises(InstdiscError, match="divisible by the 3 processes"):
         local_batch_size(16, 3)
 

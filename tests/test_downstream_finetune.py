@@ -83,27 +83,8 @@ def test_refuses_existing_out_and_bad_settings(run, tuned):
         load_finetuned(out)
 
 
-def test_probe_init_folds_the_whitened_probe_into_the_layer(run):
-    """fc(v) after probe_init equals the fitted LinearClassifier's logits on the same features."""
-    from instdisc.downstream.finetune import probe_init
-    from instdisc.downstream.linear import fit_linear
-    from instdisc.features import extract_features
 
-    src = open_model(run[0])
-    ds = src.prepare(build_dataset("fashion-mnist:train", data_root=str(run[1])))
-    net = FinetunedClassifier(src.encoder, 10)
-    probe_init(net, ds, 10, device="cpu")
-    feats = extract_features(src.encoder, ds)
-    x, y = torch.from_numpy(feats.features), torch.from_numpy(feats.labels)
-    clf = fit_linear(x, y, 10, epochs=100)
-    with torch.no_grad():
-        torch.testing.assert_close(net.fc(x), clf(x), atol=1e-3, rtol=1e-4)
-
-
-def test_random_head_init(run, tmp_path):
-    with pytest.raises(InstdiscError, match="--head-init"):
-        finetune(run[0], "fashion-mnist:train", "fashion-mnist:test", tmp_path / "ft", head_init="zeros",
-                 data_root=str(run[1]))
+def test_without_augmentation(run, tmp_path):
     res = finetune(run[0], "fashion-mnist:train", "fashion-mnist:test", tmp_path / "ft", epochs=1, batch_size=32,
-                   head_init="random", data_root=str(run[1]), augment=False)
-    assert res.settings["head_init"] == "random" and res.settings["augment"] is False
+                   data_root=str(run[1]), augment=False)
+    assert res.settings["augment"] is False and 0 <= res.top1 <= 100

@@ -57,3 +57,35 @@ def test_existing_file_is_not_a_folder(tmp_path):
     with pytest.raises(InstdiscError, match="not a directory"):
         with atomic_directory(out, overwrite=True):
             pass
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid  # reaped: no such process any more (pid reuse within the test is vanishingly unlikely)
+
+
+def test_stale_temp_of_killed_writer_is_removed(tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.tmp-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "half").write_text("x")
+    live = tmp_path / ".out.tmp-1"  # pid 1 is always alive: left alone
+    live.mkdir()
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("a")
+    assert not stale.exists() and live.exists() and (out / "a").exists()
+
+
+def test_old_folder_moved_aside_is_restored_when_output_missing(tmp_path):
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{_dead_pid()}"  # killed between "move old aside" and "rename new into place"
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    with pytest.raises(InstdiscError, match="already exists"):
+        with atomic_directory(out):
+            pass
+    assert (out / "old.txt").read_text() == "old" and not old.exists()

@@ -220,3 +220,28 @@ def test_readme_five_line_example(run, tmp_path):
         X, y = f["features"][:], f["labels"][:]
         print(f.attrs["arch"], f.attrs["layer"], X.shape, y[:5])
     assert X.shape == (40, 16)
+
+
+def test_folder_as_target_refused(run, tmp_path):
+    (tmp_path / "d.h5").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(InstdiscError, match="not a file"):
+            _export(run, tmp_path / "d.h5", overwrite=overwrite)
+
+
+def test_new_file_appears_only_with_its_layout_and_stale_temps_go(run, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f".f.h5.tmp-{p.pid}"  # a process killed while creating the file left this
+    stale.write_bytes(b"\x89HDF half")
+    seen = []
+
+    def check(done, n):
+        if not seen:
+            seen.append(read_features_attrs(tmp_path / "f.h5"))  # readable while being written
+    _export(run, tmp_path / "f.h5", on_batch=check)
+    assert seen[0]["complete"] is False and not stale.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["f.h5"]

@@ -65,12 +65,10 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(fake_mnist, tmp_path)
             j = rng.randint(1, 2)
             wait_for(lambda: p.n_saves() >= j or not p.alive(), what=f"save {j}")
             time.sleep(rng.uniform(0, 0.2))
-        alive = p.alive()
         p.kill()
-        if not alive:  # it finished (or failed) before the kill
-            assert p.proc.exitcode == 0, f"{kind}: exit {p.proc.exitcode}\n{p.output()}"
+        assert p.proc.exitcode in (-9, 0), f"{kind}: exit {p.proc.exitcode}\n{p.output()}"
+        if p.proc.exitcode == 0:  # it finished before the kill
             break
-        assert p.proc.exitcode == -9
         kills.append(kind)
         assert "Traceback" not in p.output() and "error:" not in p.output(), p.output()
 

@@ -77,6 +77,20 @@ def test_per_sample_logits_half_bank(bank_dtype):
     torch.testing.assert_close(zs.grad, zs_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_per_sample_logits_auto_on_one_thread_matches_fused():
+    memory = _unit(50, 8, 1)
+    neg_idx = torch.randint(0, 50, (6, 9), generator=_gen(2))
+    zs = _unit(6, 8, 3)
+    fused = per_sample_logits(zs, memory, neg_idx, impl="fused")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # auto picks the tiled path here
+        auto = per_sample_logits(zs, memory, neg_idx, block_rows=16)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(auto, fused, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["fused", "tiled"])
 def test_per_sample_logits_refuses_bank_changed_before_backward(impl):
     memory = _unit(10, 4, 1)

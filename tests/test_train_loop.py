@@ -85,7 +85,7 @@ def test_refuses_existing_run_without_resume(fake_mnist, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(fake_mnist, tmp_path, monkeypatch):
-    import instdisc.train.loop as loop
+    from instdisc.train import loop
 
     out = tmp_path / "run"
     train(tiny_cfg(fake_mnist, out))

@@ -26,10 +26,10 @@ def _normalize(ds) -> list:
     return [T.ToTensor(), T.Normalize(ds.mean, ds.std)]
 
 
-def train_transform(ds) -> Callable:
-    """PIL image -> float tensor C x S x S (S = ds.image_size), randomly augmented."""
+def train_transform(ds, *, scale: tuple[float, float] = CROP_SCALE) -> Callable:
+    """PIL image -> float tensor C x S x S (S = ds.image_size), randomly augmented (crop area fraction in ``scale``)."""
     size = ds.image_size
-    steps: list = [T.RandomResizedCrop(size, scale=CROP_SCALE)]
+    steps: list = [T.RandomResizedCrop(size, scale=tuple(scale))]
     if ds.channels == 3:
         steps += [T.ColorJitter(JITTER, JITTER, JITTER, JITTER), T.RandomGrayscale(p=GRAYSCALE_P)]
     else:

@@ -53,8 +53,10 @@ class ShardedBatches(_loop._Batches):
         else:  # per-sample seeds (seed, epoch, slot): every image gets the crops of a single-process run
             src = _loop._SeededTwoView(self.ds, self.transform, cfg.seed, epoch, cfg.views)
             init = getattr(_loop, "_ignore_sigint", None) if cfg.workers else None
+            workers_seed = torch.Generator().manual_seed(_loop._mix(cfg.seed, epoch, 4, r))  # not the global RNG
             loader = torch.utils.data.DataLoader(src, batch_sampler=[q.tolist() for q in perm[start:]],
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
-                                                 persistent_workers=False, worker_init_fn=init)
+                                                 persistent_workers=False, worker_init_fn=init,
+                                                 generator=workers_seed)
             for xs, idx in loader:
                 yield idx, [x.to(self.device, non_blocking=True) for x in xs]

@@ -2,9 +2,7 @@
 
 Covered by tests/test_downstream_finetune.py.
 
-The new layer starts as a linear probe on the frozen features (``head_init="probe"``, LP-FT, Kumar et al. 2022:
-a random layer's first gradients distort the pretrained features) or random (``"random"``). Training: SGD
-(momentum 0.9) with a cosine learning rate per step, cross-entropy, the InstDisc augmentation
+Training: SGD (momentum 0.9) with a cosine learning rate per step, cross-entropy, the InstDisc augmentation
 recipe (``BatchAugment`` on in-memory data, ``train_transform`` per image for files), every random choice drawn
 from generators seeded by (seed, epoch, step). The output folder is an encoder export (``encoder.pt``,
 ``encoder.torchscript.pt``, ``metadata.json`` with ``kind: instdisc-finetuned``) plus ``classifier.pt``, the linear
@@ -24,15 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InstdiscError
-from .linear import build_capped, check_labelled, fit_linear, num_classes, topk_accuracy
+from .linear import build_capped, check_labelled, num_classes, topk_accuracy
 
-__all__ = ["FinetunedClassifier", "finetune", "load_finetuned", "probe_init", "FinetuneResult", "CLASSIFIER_FILE",
-           "FINETUNED_KIND", "HEAD_INITS"]
+__all__ = ["FinetunedClassifier", "finetune", "load_finetuned", "FinetuneResult", "CLASSIFIER_FILE",
+           "FINETUNED_KIND"]
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.pt"
-HEAD_INITS = ("probe", "random")
 FINETUNED_KIND = "instdisc-finetuned"
 
 
@@ -102,25 +99,6 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
 
 
 @torch.no_grad()
-def probe_init(net: FinetunedClassifier, ds, n_classes: int, *, device, workers: int = 0) -> None:
-    """Set ``net.fc`` to a linear probe fitted on the frozen encoder's eval-transform features (LP-FT: the new
-    layer starts useful, so the first steps do not push random-layer gradients into the pretrained encoder)."""
-    from ..features import extract_features
-
-    net.eval()
-    feats = extract_features(net.encoder, ds, batch_size=512, device=device, workers=workers)
-    x = torch.from_numpy(feats.features).to(device)  # (N, D)
-    y = torch.from_numpy(feats.labels).to(device)  # (N,)
-    with torch.enable_grad():
-        clf = fit_linear(x, y, n_classes, epochs=100)
-    # logits = ((v - mean) @ proj) @ W^T + b = v @ (proj @ W^T) + (b - mean @ proj @ W^T)
-    w_eff = clf.fc.weight @ clf.proj.T  # (C, D)
-    net.fc.weight.copy_(w_eff)
-    net.fc.bias.copy_(clf.fc.bias - w_eff @ clf.mean)
-    net.train()
-
-
-@torch.no_grad()
 def evaluate(model: FinetunedClassifier, ds, *, device, batch_size: int = 512, workers: int = 0) -> dict:
     from ..features import extract_features
 
@@ -150,8 +128,7 @@ class FinetuneResult:
 
 def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float = 0.05, weight_decay: float = 5e-4,
              batch_size: int = 128, momentum: float = 0.9, augment: bool = True, device="cpu", seed: int = 0,
-             limit: int | None = None, data_root=None, workers: int = 0, overwrite: bool = False,
-             head_init: str = "probe") -> FinetuneResult:
+             limit: int | None = None, data_root=None, workers: int = 0, overwrite: bool = False) -> FinetuneResult:
     """Fine-tune ``model``'s encoder with a new linear predictor on labelled ``train``; report top-1 on ``test``
     and save the result to folder ``out`` (atomically; an existing ``out`` needs ``overwrite``). ``limit`` caps
     the size of each dataset (a fixed subset)."""
@@ -160,8 +137,6 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
     from ..export.hdf5 import model_sha256
     from ..source import ModelSource, open_model
 
-    if head_init not in HEAD_INITS:
-        raise InstdiscError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     for name, value, lo in (("epochs", epochs, 1), ("batch-size", batch_size, 2)):
         if value < lo:
             raise InstdiscError(f"--{name} must be >= {lo}, got {value}")
@@ -184,9 +159,6 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
         torch.manual_seed(_mix(seed, 0, 5))
         net = FinetunedClassifier(src.encoder, c).to(device)
     t0 = time.perf_counter()
-    if head_init == "probe":
-        probe_init(net, train_ds, c, device=device, workers=workers)
-        log.info("linear layer initialised by a linear probe on the frozen features (%.1fs)", time.perf_counter() - t0)
     for p in net.parameters():
         p.requires_grad_(True)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -218,7 +190,7 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
 
     settings = {"model": str(src.path), "train": train, "test": test, "epochs": epochs, "lr": lr,
                 "weight_decay": weight_decay, "batch_size": bs, "momentum": momentum, "augment": augment,
-                "seed": seed, "limit": limit, "device": str(device), "head_init": head_init}
+                "seed": seed, "limit": limit, "device": str(device)}
     meta = {k: src.meta[k] for k in ("arch", "channels", "image_size", "mean", "std", "low_dim") if k in src.meta}
     meta.update(kind=FINETUNED_KIND, head=None, config=src.meta.get("config"), data=src.meta.get("data"),
         eval_resize=src.meta.get("eval_resize") or _eval_resize((src.meta.get("data") or {}).get("spec")),

@@ -5,7 +5,9 @@ Covered by tests/test_export_atomic_dir.py.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +15,9 @@ from typing import Iterator
 from ..atomic import check_writable_dir
 from ..errors import InstdiscError
 
-__all__ = ["atomic_directory", "check_can_replace"]
+__all__ = ["atomic_directory", "check_can_replace", "clean_stale_siblings", "pid_alive"]
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,9 +33,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process we may not signal counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_siblings(out: str | os.PathLike) -> None:
+    """Tidy what a killed writer of ``out`` left beside it: ``.<name>.tmp-<pid>`` (removed) and
+    ``.<name>.old-<pid>`` (the previous output, moved aside just before the final rename: put back when ``out`` is
+    missing, else removed), for pids that are no longer running. Writers that are alive are left alone."""
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    for entry in sorted(parent.iterdir()):
+        m = pattern.match(entry.name)
+        if m is None or pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            log.warning("restoring %s from %s (a replacement was interrupted)", out, entry.name)
+            os.replace(entry, out)
+            continue
+        log.info("removing %s left by an interrupted write (pid %s)", entry, m.group(2))
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def check_can_replace(out: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
     """Refuse an existing ``out`` unless ``overwrite``; check that its parent folder can be written."""
     out = Path(out)
+    clean_stale_siblings(out)
     if out.exists() and not overwrite:
         raise InstdiscError(f"{what} {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -45,7 +89,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, what: s
     """Yield a fresh temporary folder beside ``out``; when the block ends without error it becomes ``out``.
 
     An existing ``out`` is refused unless ``overwrite``; with it, the old folder stays in place until the new one
-    is complete, is then moved aside, and is deleted after the rename. On error the temporary folder is removed.
+    is complete, is then moved aside, and is deleted after the rename. On error the temporary folder is removed;
+    what a killed process left (its temporary folder, or an old folder moved aside) is tidied by the next call.
     """
     out = check_can_replace(out, overwrite, what)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

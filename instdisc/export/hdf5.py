@@ -19,7 +19,9 @@ on such a file continues it: the settings that determine the rows (model hash, d
 compression, ...) must match, and the work restarts at the batch boundary at or below ``n_written`` with the batch
 size the file was started with, so every row is computed in the same batch as in an uninterrupted run and the
 finished file is identical. ``overwrite=True`` writes a temporary file beside the target and renames it over the
-target only when complete (an interrupted overwrite leaves the old file as it was).
+target only when complete (an interrupted overwrite leaves the old file as it was). A new file is created as
+``.<name>.tmp-<pid>`` and renamed once its datasets and attributes exist, so a process killed at any moment leaves
+either no file or a resumable one; temporary files of killed processes are removed by the next export.
 """
 from __future__ import annotations
 
@@ -243,15 +245,20 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
 
     _validate(layer, dtype, compression, batch_size)
     out = Path(out)
-    if out.exists() and not overwrite:  # fail fast, before opening the model and the data
+    from .atomic_dir import clean_stale_siblings
+
+    clean_stale_siblings(out)  # temp files of killed exports
+    old = None  # attributes of an existing target
+    if out.exists():  # fail fast, before opening the model and the data
         if not out.is_file():
             raise InstdiscError(f"{out} exists and is not a file; choose another --out")
         try:
             old = read_features_attrs(out)
         except InstdiscError:
-            raise InstdiscError(f"{out} exists and is not an instdisc features file; pass --overwrite to replace "
-                                f"it") from None
-        if old.get("complete"):
+            if not overwrite:
+                raise InstdiscError(f"{out} exists and is not an instdisc features file; pass --overwrite to "
+                                    f"replace it") from None
+        if old is not None and old.get("complete") and not overwrite:
             raise InstdiscError(f"{out} already exists (a complete export); pass --overwrite to replace it")
     src = model if isinstance(model, ModelSource) else open_model(model, device=device)
     fn = src.fn(layer)  # InstdiscError for "embedding" without a head
@@ -272,25 +279,15 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
 
     # Where to write: fresh file in place, resume in place, or a temporary file that replaces the target at the end.
     target, start, resumed = out, 0, 0
-    if out.exists():
-        try:
-            old = read_features_attrs(out)
-        except InstdiscError:
-            if not overwrite:
-                raise InstdiscError(f"{out} exists and is not an instdisc features file; pass --overwrite to "
-                                    f"replace it") from None
-            old = None
-        if old is not None and old.get("complete") and not overwrite:
-            raise InstdiscError(f"{out} already exists (a complete export); pass --overwrite to replace it")
-        if old is not None and not old.get("complete") and not overwrite:
-            why = _resume_mismatch(old, {k: _plain(v) for k, v in attrs.items()})
-            if why:
-                raise InstdiscError(f"cannot resume the incomplete {out}: {why}; pass --overwrite to start over")
-            batch_size = int(old["batch_size"])
-            resumed = int(old["n_written"])
-            start = (resumed // batch_size) * batch_size  # same batch grid as an uninterrupted run
-        else:
-            target = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if old is not None and not overwrite:  # incomplete (complete ones were refused above): continue it
+        why = _resume_mismatch(old, {k: _plain(v) for k, v in attrs.items()})
+        if why:
+            raise InstdiscError(f"cannot resume the incomplete {out}: {why}; pass --overwrite to start over")
+        batch_size = int(old["batch_size"])
+        resumed = int(old["n_written"])
+        start = (resumed // batch_size) * batch_size  # same batch grid as an uninterrupted run
+    elif out.exists():  # overwrite: the old file stays until the new one is complete
+        target = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     from ..atomic import check_free_space, check_writable_dir
 
     check_writable_dir(out.parent)
@@ -302,6 +299,11 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
         f = h5py.File(target, "r+")
         log.info("resuming %s: %d of %d rows were written; continuing at row %d (batch size %d)", out, resumed, n,
                  start, batch_size)
+    elif target == out:  # a new file appears under its name only with its datasets and attributes in place
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        _create(tmp, n, dim, dtype, compression, ds.paths is not None, attrs).close()
+        os.replace(tmp, out)
+        f = h5py.File(out, "r+")
     else:
         f = _create(target, n, dim, dtype, compression, ds.paths is not None, attrs)
     paths = ds.paths

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -50,9 +51,16 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, AttributeError,
-            TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InstdiscError(f"{p} is not a readable instdisc checkpoint ({first[:200]})") from None
+            TypeError, OSError) as e:  # OSError: torch's zip reader on a truncated file ("Invalid argument")
+        text = str(e).strip()
+        found = re.search(r"\bGLOBAL ([\w.]+)", text)  # the weights-only unpickler names the object it refused
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise InstdiscError(f"{p} is refused: it holds pickled Python objects ({found.group(1)}), not just "
+                                f"tensors and plain data, and loading them could run code") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # not torch's "retry with weights_only=False"
+        first = detail.group(1).strip() if detail else (text.splitlines()[0] if text else type(e).__name__)
+        raise InstdiscError(f"{p} is not a readable instdisc checkpoint (damaged, truncated or another kind of "
+                            f"file: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "instdisc-checkpoint":
         raise InstdiscError(f"{p} is a torch file but not an instdisc checkpoint")
     if ckpt.get("format_version") != CHECKPOINT_FORMAT:

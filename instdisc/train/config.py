@@ -11,7 +11,7 @@ __all__ = ["TrainConfig", "RECIPES"]
 # Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
 RECIPES: dict[str, dict] = {
     "fast": dict(loss="infonce", positive="view", negatives="shared", in_batch=True, bank_init="encoder",
-                 head="mlp", lr=0.06, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2),
+                 head="mlp", lr=0.2, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2),
     "paper": dict(loss="nce", positive="bank", negatives="per-sample", in_batch=False, bank_init="random",
                   head="linear", lr=0.03, weight_decay=5e-4, schedule="step", warmup_epochs=0.0, z_mode="first-batch",
                   views=1),
@@ -32,7 +32,7 @@ class TrainConfig:
     low_dim: int = 128
     epochs: int = 10
     batch_size: int = 256
-    lr: float = 0.06
+    lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"           # cosine | step | constant
@@ -50,6 +50,7 @@ class TrainConfig:
     bank_dtype: str = "float32"        # float32 | float16 | bfloat16
     bank_init: str = "encoder"         # random | encoder (eval-transform embeddings of the untrained model)
     augment: str = "auto"              # auto | batch | pil
+    crop_min: float = 0.2              # RandomResizedCrop keeps a fraction in [crop_min, 1] of the image area
     device: str = "auto"               # auto | cpu | cuda
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     seed: int = 0
@@ -121,6 +122,8 @@ class TrainConfig:
             bad("--positive view needs two views per image")
         if self.in_batch and self.views != 2:
             bad("in-batch negatives need two views per image")
+        if not 0 < self.crop_min <= 1:
+            bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
         if self.workers < 0:
             bad(f"--workers must be >= 0, got {self.workers}")
         if self.limit is not None and self.limit < 1:

@@ -135,10 +135,10 @@ class _Batches:
         self.steps_per_epoch = len(ds) // cfg.batch_size
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment
-            self.aug = BatchAugment(ds)
+            self.aug = BatchAugment(ds, scale=(cfg.crop_min, 1.0))
             self.array = ds.array.to(device) if device.type == "cuda" else ds.array
         else:
-            self.transform = train_transform(ds)
+            self.transform = train_transform(ds, scale=(cfg.crop_min, 1.0))
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, 1))
@@ -192,8 +192,8 @@ def _guarded(batches, start: int, save):
             text = rest if sep and head.endswith("Error") else text
         text = text.splitlines()[0] if text else type(e).__name__
         save(done)
-        raise _DataError(f"{text}; progress is saved at step {done} of this epoch: restore or remove the file, "
-                         f"then continue with --resume") from None
+        raise _DataError(f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a "
+                         f"memory-bank slot), then continue with --resume") from None
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, n_data: int, ckpt_data: dict, fingerprint: str) -> None:
@@ -220,10 +220,10 @@ def build_seeded_model(cfg: TrainConfig, *, n_data: int, in_channels: int, image
         return build_model(cfg, n_data=n_data, in_channels=in_channels, image_size=image_size, generator=gen)
 
 
-def _check_restart(out: Path, cfg: TrainConfig, n_data: int, fingerprint: str) -> None:
+def _check_restart(out: Path, cfg: TrainConfig, n_data: int, fingerprint: str, existed: bool) -> None:
     """``--resume`` on a run that has no checkpoint yet (stopped before its first save): allowed when the run directory
-    exists and its ``config.json``, if written, matches; the run then starts from scratch."""
-    if not out.is_dir():
+    existed before this call and its ``config.json``, if written, matches; the run then starts from scratch."""
+    if not existed:
         raise InstdiscError(f"--resume: no run directory at {out} (nothing to resume; leave out --resume to start a "
                             f"new run)")
     cfg_file = out / "config.json"
@@ -282,6 +282,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
 
 def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist) -> TrainResult:
     device = resolve_device(cfg.device) if dist is None else dist.device
+    run_existed = Path(cfg.out).is_dir()  # before the index cache (default OUT/.index-cache) can create it
     cache_dir = index_cache if index_cache is not None else Path(cfg.out) / ".index-cache"
     with contextlib.nullcontext() if dist is None else dist.local_main_first():  # [distributed] one lister per node
         ds = dataset if dataset is not None else build_dataset(
@@ -309,13 +310,13 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
         ckpt = read_checkpoint(ckpt_path, map_location="cpu")
         _check_resume_config(ckpt["config"], cfg, n, ckpt["data"], data_info["fingerprint"])
     elif resume:
-        _check_restart(out, cfg, n, data_info["fingerprint"])
+        _check_restart(out, cfg, n, data_info["fingerprint"], run_existed)
     elif ckpt_path.exists():
         raise InstdiscError(f"{out} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     need = max(_checkpoint_bytes(model, params), ckpt_path.stat().st_size if ckpt is not None else 0)
     check_free_space(_existing_parent(out), need)
     check_writable_dir(out)
-    stale = remove_stale_temps(out) if dist is None or dist.is_main else []
+    stale = remove_stale_temps(out) + remove_stale_temps(cache_dir) if dist is None or dist.is_main else []
     if stale:
         log.warning("removed %d temp file(s) left by a killed run in %s, e.g. %s", len(stale), out, stale[0].name)
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from instdisc.data import BatchAugment, build_dataset
-from instdisc.train import TrainConfig
-from instdisc.train.loop import build_seeded_model
+from instdisc.training import TrainConfig
+from instdisc.training.loop import build_seeded_model
 
 PARTS = ["data", "augment", "encoder fwd+bwd", "head fwd+bwd", "optimizer", "bank update"]
 

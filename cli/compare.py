@@ -6,7 +6,7 @@ import json
 import click
 
 from instdisc.compare import compare_knn, format_table
-from instdisc.train import resolve_device
+from instdisc.training import resolve_device
 
 from .app import cli, data_options
 

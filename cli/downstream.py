@@ -8,7 +8,7 @@ import click
 from instdisc.downstream.finetune import finetune
 from instdisc.downstream.linear import OPTIMIZERS, PREPROCESS, linear_probe
 from instdisc.export.hdf5 import LAYERS
-from instdisc.train import resolve_device
+from instdisc.training import resolve_device
 
 from .app import cli, data_options
 

@@ -7,7 +7,7 @@ import click
 
 from instdisc.export.encoder import export_encoder
 from instdisc.export.hdf5 import COMPRESSIONS, DTYPES, LAYERS, export_features
-from instdisc.train import resolve_device
+from instdisc.training import resolve_device
 
 from .app import cli, data_options
 

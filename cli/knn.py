@@ -7,7 +7,7 @@ import click
 
 from instdisc.evaluation import format_knn, knn_benchmark
 from instdisc.neighbors import neighbor_grid
-from instdisc.train import resolve_device
+from instdisc.training import resolve_device
 
 from .app import cli, data_options
 

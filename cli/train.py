@@ -6,7 +6,7 @@ import signal
 
 import click
 
-from instdisc.train import RECIPES, TrainConfig, train as train_run
+from instdisc.training import RECIPES, TrainConfig, train as train_run
 from instdisc.models import list_encoders
 
 from .app import cli, data_options

@@ -30,8 +30,8 @@ def compare_knn(run_dir, *, train: str, test: str, k: int = 200, tau: float = 0.
     """Rows of {"features", "dim", "top1", "top5", "nn1", "seconds"} for learned (encoder v and embedding z),
     the untrained encoder (same arch and seed) and raw pixels, all with the same kNN protocol."""
     from .knn import knn_evaluate
-    from .train.config import TrainConfig
-    from .train.loop import build_seeded_model
+    from .training.config import TrainConfig
+    from .training.loop import build_seeded_model
 
     src = open_model(run_dir, device=device)
     if src.kind != "run":

@@ -30,7 +30,7 @@ class InstDiscModel(nn.Module):
 
 def build_model(cfg, *, n_data: int, in_channels: int, image_size: int,
                 generator: torch.Generator | None = None) -> InstDiscModel:
-    """Build encoder, head and objective from a :class:`~instdisc.train.config.TrainConfig`."""
+    """Build encoder, head and objective from a :class:`~instdisc.training.config.TrainConfig`."""
     encoder = build_encoder(cfg.arch, in_channels=in_channels, image_size=image_size)
     head = ProjectionHead(encoder.feature_dim, cfg.low_dim, kind=cfg.head)
     objective = Objective(n_data, cfg.low_dim, k=cfg.nce_k, tau=cfg.nce_t, m=cfg.nce_m, loss=cfg.loss,

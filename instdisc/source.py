@@ -67,7 +67,7 @@ def open_model(path: str | Path, device="cpu") -> ModelSource:
         encoder, head, meta = read_export(p)
         src = ModelSource(encoder, head, meta, "export", p)
     else:
-        from .train.checkpoint import load_run
+        from .training.checkpoint import load_run
 
         cfg, model, ckpt = load_run(p)
         d = ckpt["data"]

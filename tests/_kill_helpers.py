@@ -103,7 +103,7 @@ class CliProcess:
                 p.unlink()
         slow = dict(slow or {})
         if slow_step:
-            slow["instdisc.train.loop:_step_loss"] = slow_step
+            slow["instdisc.training.loop:_step_loss"] = slow_step
         self.t0 = time.monotonic()
         self.proc = _context().Process(target=_child, args=([str(a) for a in args], str(self.log), slow_save,
                                                             slow, threads, start_method))

@@ -2,7 +2,7 @@
 
 Table-driven over the commands (issue 6, "Bad arguments"); runs in-process with click's CliRunner. Covers the CLI
 boundary of cli/app.py (InstdiscError and click usage errors -> one line, status 2) and the checks in
-instdisc/train/loop.py, instdisc/atomic.py, instdisc/data, instdisc/export and instdisc/evaluation that it reaches.
+instdisc/training/loop.py, instdisc/atomic.py, instdisc/data, instdisc/export and instdisc/evaluation that it reaches.
 
 Each case builds its inputs in its own folder; the runner hashes every file there before and after the command and
 asserts that no file changed or disappeared and that nothing new appeared, except the dataset index cache (a cache

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import make_fake_mnist
 from test_train_loop import tiny_cfg
 
-from instdisc.train import train
+from instdisc.training import train
 from instdisc_cli.main import cli
 
 

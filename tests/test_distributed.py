@@ -119,7 +119,7 @@ def test_merge_of_shard_topk_equals_global_topk():
 # ------------------------------------------------------------------------------------------------ batches / resume
 def test_sharded_batches_partition_each_epoch(fake_mnist, tmp_path):
     from instdisc.data import build_dataset
-    from instdisc.train.loop import _Batches
+    from instdisc.training.loop import _Batches
 
     cfg = tiny_cfg(fake_mnist, tmp_path / "r", batch_size=16, device="cpu")
     ds = build_dataset(cfg.data, data_root=cfg.data_root)  # 96 images
@@ -218,7 +218,7 @@ def test_training_caches_the_folder_index_next_to_the_run(tmp_path):
 
 
 def test_file_list_trains_end_to_end(tmp_path):
-    from instdisc.train import load_run
+    from instdisc.training import load_run
     from instdisc_cli.main import cli
 
     folder = _image_folder(tmp_path / "imgs", n_per_class=6)

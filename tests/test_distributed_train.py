@@ -92,7 +92,7 @@ def _worker(out: Path, fm_root: str) -> None:  # runs in each torchrun process
     from instdisc.distributed.partition import StridedPartition
     from instdisc.distributed.session import DistributedRun
     from instdisc.data import build_dataset
-    from instdisc.train import train
+    from instdisc.training import train
     from instdisc_cli.main import cli
     from test_train_loop import tiny_cfg
     from test_train_resume import StopAfter
@@ -215,7 +215,7 @@ def test_objective_matches_single_process(two_procs, name):
 
 # ------------------------------------------------------------------------------------------------ model / training
 def test_sharded_model_starts_from_single_process_weights(two_procs):
-    from instdisc.train.loop import build_seeded_model
+    from instdisc.training.loop import build_seeded_model
     from test_train_loop import tiny_cfg
 
     out, fm, _ = two_procs
@@ -231,7 +231,7 @@ def test_sharded_model_starts_from_single_process_weights(two_procs):
 
 def test_encoder_bank_init_matches_single_process(two_procs):
     from instdisc.data import build_dataset
-    from instdisc.train.loop import _init_bank_from_encoder, build_seeded_model
+    from instdisc.training.loop import _init_bank_from_encoder, build_seeded_model
     from test_train_loop import tiny_cfg
 
     out, fm, _ = two_procs
@@ -257,7 +257,7 @@ def test_sharded_search_equals_exact_search(two_procs):
 
 
 def test_each_rank_holds_half_the_bank_and_loss_falls(two_procs):
-    from instdisc.train import load_run
+    from instdisc.training import load_run
 
     out, _, _ = two_procs
     for r in range(WORLD):
@@ -273,7 +273,7 @@ def test_each_rank_holds_half_the_bank_and_loss_falls(two_procs):
 
 
 def test_interrupt_and_resume_is_exact(two_procs):
-    from instdisc.train.checkpoint import read_checkpoint
+    from instdisc.training.checkpoint import read_checkpoint
     from test_train_resume import assert_same_state
 
     out, _, _ = two_procs
@@ -290,7 +290,7 @@ def test_cli_run_and_sharded_knn_match_single_process(two_procs):
     from instdisc.data import build_dataset
     from instdisc.features import extract_features
     from instdisc.knn import knn_evaluate
-    from instdisc.train import load_run
+    from instdisc.training import load_run
 
     out, fm, proc = two_procs
     assert proc.stdout.count("done: 2 epochs") == 1  # one summary line, from rank 0
@@ -308,7 +308,7 @@ def test_cli_run_and_sharded_knn_match_single_process(two_procs):
 
 def test_resume_with_another_world_size(two_procs, tmp_path):
     from instdisc.errors import InstdiscError
-    from instdisc.train import train
+    from instdisc.training import train
     from test_train_loop import tiny_cfg
 
     out, fm, _ = two_procs

@@ -11,7 +11,7 @@ from instdisc.downstream.finetune import FinetunedClassifier, finetune, load_fin
 from instdisc.errors import InstdiscError
 from instdisc.export.encoder import export_encoder, load_torchscript
 from instdisc.source import open_model
-from instdisc.train import load_run, train
+from instdisc.training import load_run, train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from test_train_loop import tiny_cfg
 from instdisc.errors import InstdiscError
 from instdisc.downstream.linear import (LinearClassifier, fit_linear, linear_probe, preprocessing, probe_loss,
                                         topk_accuracy)
-from instdisc.train import train
+from instdisc.training import train
 
 
 @pytest.fixture(scope="module")

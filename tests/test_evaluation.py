@@ -5,7 +5,7 @@ import pytest
 
 from instdisc.errors import InstdiscError
 from instdisc.evaluation import format_knn, is_feature_file, knn_benchmark
-from instdisc.train import train
+from instdisc.training import train
 
 from test_train_loop import tiny_cfg
 

@@ -14,8 +14,8 @@ from instdisc.data import batch_eval, build_dataset
 from instdisc.errors import InstdiscError
 from instdisc.export.encoder import export_encoder, load_encoder, load_torchscript, read_export
 from instdisc.source import open_model
-from instdisc.train import load_run, train
-from instdisc.train.checkpoint import file_sha256
+from instdisc.training import load_run, train
+from instdisc.training.checkpoint import file_sha256
 
 
 @pytest.fixture(scope="module")

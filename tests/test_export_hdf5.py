@@ -13,8 +13,8 @@ from instdisc.export.encoder import export_encoder
 from instdisc.export.hdf5 import export_features, read_features, read_features_attrs
 from instdisc.features import extract_features
 from instdisc.source import open_model
-from instdisc.train import train
-from instdisc.train.checkpoint import file_sha256
+from instdisc.training import train
+from instdisc.training.checkpoint import file_sha256
 
 
 class Stop(Exception):

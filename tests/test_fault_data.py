@@ -1,6 +1,6 @@
 """Bad images end to end through ``instdisc train`` (issue 6, "Bad data").
 
-Covers instdisc/data (bad-image scan, --skip-bad-images, image modes) as the CLI uses it, and instdisc/train/loop.py's
+Covers instdisc/data (bad-image scan, --skip-bad-images, image modes) as the CLI uses it, and instdisc/training/loop.py's
 handling of a file that breaks during the run (``_guarded``: named in one line, progress saved, exact resume).
 """
 import shutil
@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from _image_helpers import make_bad_files, make_mixed_folder
 from _kill_helpers import assert_bitwise_equal, metrics_records, snapshot
-from instdisc.train import loop
-from instdisc.train.checkpoint import read_checkpoint
+from instdisc.training import loop
+from instdisc.training.checkpoint import read_checkpoint
 from instdisc_cli.main import cli
 
 

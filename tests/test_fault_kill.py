@@ -1,6 +1,6 @@
 """kill -9 anywhere, resume, and end bitwise identical to a run that was never killed (issue 6, "Crashes").
 
-Covers the crash paths of instdisc/atomic.py (temp file + rename, stale temp clean-up) and instdisc/train/loop.py
+Covers the crash paths of instdisc/atomic.py (temp file + rename, stale temp clean-up) and instdisc/training/loop.py
 (``--resume`` from a checkpoint, or from scratch when the run was killed before its first checkpoint). The processes
 are real (see tests/_kill_helpers.py: forked from a server that imported instdisc once, one torch thread each).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _kill_helpers import CliProcess, assert_bitwise_equal, metrics_records, wait_for
-from instdisc.train.checkpoint import read_checkpoint
+from instdisc.training.checkpoint import read_checkpoint
 
 EPOCHS = 8  # 6 steps an epoch (96 images, batch 16): 48 steps, a checkpoint after every one (--save-every 1)
 N_KILLS = 12

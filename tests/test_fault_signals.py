@@ -1,6 +1,6 @@
 """SIGTERM and Ctrl-C: a checkpoint at the next step boundary, exit 128 + signal, and a bitwise-exact resume.
 
-Covers the signal path of instdisc/train/loop.py (``_StopFlag``, DataLoader workers ignoring SIGINT) and the exit
+Covers the signal path of instdisc/training/loop.py (``_StopFlag``, DataLoader workers ignoring SIGINT) and the exit
 status of cli/train.py. The SIGTERM test runs the installed ``instdisc`` console script as a plain subprocess.
 """
 import os
@@ -13,7 +13,7 @@ import pytest
 
 from _image_helpers import make_mixed_folder
 from _kill_helpers import CliProcess, assert_bitwise_equal, metrics_records, wait_for
-from instdisc.train.checkpoint import read_checkpoint
+from instdisc.training.checkpoint import read_checkpoint
 
 INSTDISC = Path(sys.executable).with_name("instdisc")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from instdisc.errors import InstdiscError
-from instdisc.train.config import RECIPES, TrainConfig
+from instdisc.training.config import RECIPES, TrainConfig
 
 
 def test_roundtrip():

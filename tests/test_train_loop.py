@@ -6,8 +6,8 @@ import torch
 
 from instdisc.data import build_dataset
 from instdisc.errors import InstdiscError
-from instdisc.train import TrainConfig, TrainingDiverged, load_run, train
-from instdisc.train.loop import _Batches, build_seeded_model
+from instdisc.training import TrainConfig, TrainingDiverged, load_run, train
+from instdisc.training.loop import _Batches, build_seeded_model
 
 
 def tiny_cfg(root, out, **kw):
@@ -85,7 +85,7 @@ def test_refuses_existing_run_without_resume(fake_mnist, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(fake_mnist, tmp_path, monkeypatch):
-    from instdisc.train import loop
+    import instdisc.training.loop as loop
 
     out = tmp_path / "run"
     train(tiny_cfg(fake_mnist, out))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from instdisc.train import train
-from instdisc.train.checkpoint import read_checkpoint
-from instdisc.train.loop import _StopFlag
+from instdisc.training import train
+from instdisc.training.checkpoint import read_checkpoint
+from instdisc.training.loop import _StopFlag
 
 from test_train_loop import tiny_cfg
 

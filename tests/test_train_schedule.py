@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from instdisc.train.schedule import lr_at
+from instdisc.training.schedule import lr_at
 
 
 def test_cosine_endpoints_and_mid():

@@ -2,7 +2,7 @@
 run (issue 6, "Untrusted files").
 
 The payload is an object whose ``__reduce__`` calls ``os.system("touch MARKER")``; a control shows that loading it the
-unsafe way really creates the marker. Covers instdisc/train/checkpoint.py (read_checkpoint / load_run,
+unsafe way really creates the marker. Covers instdisc/training/checkpoint.py (read_checkpoint / load_run,
 ``weights_only=True``), instdisc/export/encoder.py (read_export) and instdisc/data/cifar.py (restricted unpickler), and
 the commands that open them: ``train --resume``, ``compare``, ``export-encoder``, ``export-features``, ``knn``.
 """
@@ -23,7 +23,7 @@ from conftest import make_fake_mnist
 from instdisc.errors import InstdiscError
 from instdisc.export import load_encoder, read_export
 from instdisc.source import open_model
-from instdisc.train.checkpoint import load_run, read_checkpoint
+from instdisc.training.checkpoint import load_run, read_checkpoint
 from instdisc_cli.main import cli
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InstdiscError
-from ..train import loop as _loop
+from ..training import loop as _loop
 from .partition import StridedPartition
 
 __all__ = ["ShardedBatches", "local_batch_size"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import InstdiscError
 from ..features import extract_features
 from ..knn import build_index, knn_classify, prepare_features, search
-from ..train import loop as _loop
+from ..training import loop as _loop
 from . import comm
 
 __all__ = ["merge_topk", "sharded_search", "DistributedKnnMonitor"]

@@ -34,7 +34,7 @@ from .partition import StridedPartition
 
 __all__ = ["DistributedRun", "launched_world_size", "resume_position", "BANK_KEY"]
 
-log = logging.getLogger("instdisc.train")
+log = logging.getLogger("instdisc.training")
 
 BANK_KEY = "objective.bank.memory"
 PARTITION = "strided"  # slot g on rank g % W
@@ -189,7 +189,7 @@ class DistributedRun:
     def build_model(self, cfg, *, n_data: int, in_channels: int, image_size: int) -> InstDiscModel:
         """The model of ``build_seeded_model`` (same encoder and head weights; bank = this rank's rows of the same
         initial bank) without ever holding the N x D bank."""
-        from ..train.loop import _mix
+        from ..training.loop import _mix
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(cfg.seed, 0, 5))

@@ -210,7 +210,7 @@ def export_encoder(run: str | os.PathLike, out: str | os.PathLike, *, with_head:
 
     ``out`` is complete or absent: built beside it and renamed. An existing ``out`` needs ``overwrite=True``.
     """
-    from ..train.checkpoint import file_sha256, find_checkpoint, load_run
+    from ..training.checkpoint import file_sha256, find_checkpoint, load_run
 
     ckpt_path = find_checkpoint(run)
     from .atomic_dir import check_can_replace

@@ -140,7 +140,7 @@ def read_features(path: str | os.PathLike, *, allow_incomplete: bool = False):
 def model_sha256(src) -> str:
     """The hash a features file records for its model: the checkpoint file's SHA-256 for a training run, the
     exported weights' SHA-256 (metadata ``weights_sha256``) for an exported encoder."""
-    from ..train.checkpoint import file_sha256, find_checkpoint
+    from ..training.checkpoint import file_sha256, find_checkpoint
 
     if src.kind == "export":
         h = src.meta.get("weights_sha256") or src.meta.get("files", {}).get("encoder.pt")

@@ -38,7 +38,7 @@ from .schedule import lr_at
 
 __all__ = ["train", "TrainResult", "resolve_device", "TrainingDiverged", "build_seeded_model"]
 
-log = logging.getLogger("instdisc.train")
+log = logging.getLogger("instdisc.training")
 
 # Settings that may differ between a run and its resume (they do not change what is computed on CPU).
 _RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "knn_every", "knn_data",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 __all__ = ["MetricsWriter", "Progress", "format_eta"]
 
-log = logging.getLogger("instdisc.train")
+log = logging.getLogger("instdisc.training")
 
 
 def format_eta(seconds: float) -> str:

@@ -5,7 +5,13 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 DEMO_EPOCHS ?= 3
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean fashion-mnist
+
+# The demo's real dataset, from Debian's package (offline-installable); needs root.
+fashion-mnist:
+	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist); \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'"; exit 2; fi
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,12 +21,13 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 
 demo: setup
-	@test -d /usr/share/datasets/fashion-mnist || (echo "Fashion-MNIST missing: run 'apt-get install -y dataset-fashion-mnist'"; exit 2)
+	@test -d /usr/share/datasets/fashion-mnist || $(MAKE) --no-print-directory fashion-mnist
 	rm -rf $(DEMO_DIR)
 	$(BIN)/instdisc train fashion-mnist:train --out $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
 	$(BIN)/instdisc compare $(DEMO_DIR) --train fashion-mnist:train --test fashion-mnist:test
 	$(BIN)/instdisc export-encoder $(DEMO_DIR) --out $(DEMO_DIR)/encoder --overwrite
 	$(BIN)/instdisc export-features $(DEMO_DIR)/encoder fashion-mnist:test --out $(DEMO_DIR)/features-test.h5 --overwrite
+	$(BIN)/instdisc linear-probe $(DEMO_DIR)/encoder --train fashion-mnist:train --test fashion-mnist:test
 
 test: setup
 	$(BIN)/python -m pytest -q

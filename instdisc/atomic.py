@@ -15,13 +15,14 @@ import torch
 
 from .errors import InstdiscError
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir",
+__all__ = ["fsync_dir", "atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir",
            "remove_stale_temps"]
 
 _TMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside the target
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it is durable (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -48,7 +49,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter]
         if tmp.exists():
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

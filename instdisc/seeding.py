@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "get_rng_state", "set_rng_state"]
+__all__ = ["seed_everything", "get_rng_state", "set_rng_state", "mix_seed"]
 
 
 def seed_everything(seed: int) -> None:
@@ -14,6 +14,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style): independent streams per (seed, epoch, step, purpose)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
 
 
 def get_rng_state() -> dict:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..seeding import mix_seed as _mix
 from ..errors import InstdiscError
 from .linear import build_capped, check_labelled, num_classes, topk_accuracy
 
@@ -45,13 +46,6 @@ class FinetunedClassifier(nn.Module):
         return self.fc(self.encoder(x))  # (B, n_classes)
 
 
-def _mix(*parts: int) -> int:
-    """63-bit seed from integers (splitmix64-style): independent streams per (seed, epoch, step, purpose)."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
 
 
 class _SeededImages(torch.utils.data.Dataset):

@@ -12,25 +12,12 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..atomic import check_writable_dir
+from ..atomic import check_writable_dir, fsync_dir
 from ..errors import InstdiscError
 
 __all__ = ["atomic_directory", "check_can_replace", "clean_stale_siblings", "pid_alive"]
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -103,7 +90,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, what: s
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if out.exists():
             if not overwrite:  # appeared while we were writing
@@ -116,7 +103,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, what: s
             if old is not None:  # put the previous output back
                 os.replace(old, out)
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..seeding import mix_seed as _mix
 from ..atomic import atomic_write_text, check_free_space, check_writable_dir, remove_stale_temps
 from ..data import build_dataset
 from ..data.transforms import TwoView, train_transform
@@ -68,13 +69,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style), so (seed, epoch, step) streams never collide in practice."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
 
 
 def _git_commit() -> str:

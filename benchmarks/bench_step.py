@@ -1,10 +1,12 @@
 """A full training step of the demo configuration broken into its parts, each with its share of the step.
 
-Parts: data (index the uint8 array), augmentation (two views, BatchAugment), encoder forward+backward (with the
-projection head), head (the objective: negatives + logits + loss, forward and backward), optimizer step, bank update.
+The step runs as training runs it: channels-last, bf16 autocast of encoder + head where the CPU has native bf16
+(``--no-amp``: float32). Parts: data (index the uint8 array), augmentation (two views, BatchAugment), encoder
+forward+backward (with the projection head), head (the objective: negatives + logits + loss, forward and backward),
+optimizer step, bank update.
 The parts are timed one after another inside the same step, so their sum is the step.
 
-    python benchmarks/bench_step.py [--arch convnet-s] [--batch-size 256] [--steps 8] [--json-out PATH]
+    python benchmarks/bench_step.py [--arch convnet-s-pool2] [--batch-size 256] [--steps 8] [--json-out PATH]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from instdisc.data import BatchAugment, build_dataset
 from instdisc.training import TrainConfig
 from instdisc.training.loop import build_seeded_model
+from instdisc.training.precision import as_channels_last, autocast, resolve_amp, use_channels_last
 
 PARTS = ["data", "augment", "encoder fwd+bwd", "head fwd+bwd", "optimizer", "bank update"]
 
@@ -30,7 +33,8 @@ def run(args) -> dict:
     cfg = TrainConfig.from_recipe(args.recipe, arch=args.arch, batch_size=args.batch_size, nce_k=args.nce_k,
                                   negatives=args.negatives)
     model = build_seeded_model(cfg, n_data=len(ds), in_channels=ds.channels, image_size=ds.image_size)
-    model.train()
+    use_channels_last(model).train()  # as training does
+    args.amp = resolve_amp(args.amp, torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     aug = BatchAugment(ds)
     g = torch.Generator().manual_seed(0)
@@ -43,7 +47,8 @@ def run(args) -> dict:
         t1 = time.perf_counter()
         views = [aug(x, generator=g) for _ in range(cfg.views)]
         t2 = time.perf_counter()
-        z = F.normalize(model.embed(torch.cat(views)), dim=1)  # (V*B, D) encoder + projection forward
+        with autocast(torch.device("cpu"), args.amp):
+            z = F.normalize(model.embed(as_channels_last(torch.cat(views))).float(), dim=1)  # (V*B, D) encoder + projection forward
         zd = z.detach().requires_grad_(True)
         t3 = time.perf_counter()
         if cfg.views == 2:
@@ -71,7 +76,8 @@ def run(args) -> dict:
     med = {p: statistics.median(v) * 1000 for p, v in times.items()}
     total = sum(med.values())
     return {"config": {"arch": cfg.arch, "batch_size": B, "nce_k": cfg.nce_k, "negatives": cfg.negatives,
-                       "loss": cfg.loss, "views": cfg.views, "recipe": args.recipe, "n_data": len(ds)},
+                       "loss": cfg.loss, "views": cfg.views, "recipe": args.recipe, "n_data": len(ds),
+                       "amp": args.amp},
             "parts_ms": med, "step_ms": total, "share": {p: med[p] / total for p in PARTS},
             "images_per_s": B / (total / 1000), "head_plus_bank_share": (med["head fwd+bwd"] + med["bank update"]) / total}
 
@@ -81,13 +87,15 @@ def main():
     ap.add_argument("--data", default="fashion-mnist:train")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--recipe", default="fast")
-    ap.add_argument("--arch", default="convnet-s")
+    ap.add_argument("--arch", default="convnet-s-pool2")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--nce-k", type=int, default=4096)
     ap.add_argument("--negatives", default=None)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-amp", dest="amp", action="store_false",
+                    help="float32 encoder + head (default: as training, bf16 autocast where the CPU has native bf16)")
     ap.add_argument("--json-out", default=str(_machine.REPO / "benchmarks/results/bench_step.json"))
     args = ap.parse_args()
     res = run(args)

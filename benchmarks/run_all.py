@@ -15,6 +15,7 @@ import _machine
 SUITE = [
     ("head", ["bench_head.py"]),
     ("step", ["bench_step.py", "--steps", "6"]),
+    ("precision", ["bench_precision.py", "--reps", "5"]),
     ("input", ["bench_input.py", "--n28", "2048", "--n224", "128", "--cap", "5"]),
     ("index", ["bench_index.py"]),
     ("knn", ["bench_knn.py", "--quick", "--approx", "ivf,ivfpq"]),

@@ -18,7 +18,7 @@ from .app import cli, data_options
 @data_options
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="fast", show_default=True,
               help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
-@click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s].")
+@click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s-pool2].")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Projection head.")
 @click.option("--low-dim", type=int, default=None, help="Embedding dimension (default 128).")
 @click.option("--nce-k", type=int, default=None, help="Negatives K per sample (default 4096).")
@@ -44,7 +44,7 @@ from .app import cli, data_options
 @click.option("--image-size", type=int, default=None, help="Side of the images the encoder sees (folders).")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Drop unreadable images instead of stopping.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast on CUDA.")
+@click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast (used on CUDA and on CPUs with native bf16).")
 @click.option("--seed", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes (file datasets).")
 @click.option("--log-every", type=int, default=None)

@@ -268,19 +268,13 @@ class Objective(nn.Module):
             for "softmax"), log_z the current log Z (nan when unset or unused).
         """
         idx = self._check_inputs(z, idx, z_pos)
-        memory = self.bank.memory
+        rows = self._bank_rows(idx)  # (B,) the batch's rows in this bank
         zs = z * (1.0 / self.tau)  # B x D, every logit is zs . v
-        target = memory.index_select(0, idx).to(z.dtype) if self.positive == "bank" else z_pos  # B x D
+        target = self.bank.memory.index_select(0, rows).to(z.dtype) if self.positive == "bank" else z_pos  # B x D
         pos = (zs * target).sum(dim=1)  # B
 
         if self.loss_name == "softmax":
-            logits = zs @ memory.to(z.dtype).T  # B x N
-            if self.positive == "view":
-                logits = logits.scatter(1, idx[:, None], pos[:, None])
-            loss = full_softmax_loss(logits, idx)
-            with torch.no_grad():
-                n_other = max(self.n_data - 1, 1)
-                neg_mean = (logits.sum() - logits.gather(1, idx[:, None]).sum()) / (idx.numel() * n_other)
+            loss, neg_mean = self._softmax(zs, pos, rows)
         else:
             neg = self._negative_logits(zs, generator)  # B x K
             if self.loss_name == "nce":
@@ -294,17 +288,41 @@ class Objective(nn.Module):
                 all_neg = neg
                 if self.in_batch:
                     other = z_pos if self.positive == "view" else z  # B x D
-                    extra = zs @ other.T  # B x B
-                    same = idx[:, None] == idx[None, :]  # B x B, the sample itself and its duplicates
-                    all_neg = torch.cat([neg, extra.masked_fill(same, float("-inf"))], dim=1)  # B x (K + B)
+                    all_neg = torch.cat([neg, self._in_batch_logits(zs, other, idx)], dim=1)  # B x (K + B')
                 loss = info_nce_loss(pos, all_neg)
             neg_mean = neg.detach().mean()
 
         values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float()])
-        loss_v, pos_v, neg_v = values.tolist()
+        loss_v, pos_v, neg_v = self._mean_stats(values).tolist()
         log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
         stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z}
         return loss, stats
+
+    # Hooks that instdisc.distributed.ShardedObjective overrides for one rank's shard of the bank.
+    def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) rows of this module's bank holding slots ``idx``."""
+        return idx
+
+    def _softmax(self, zs: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor):
+        """(loss, mean non-target logit) of the cross entropy over all N slots, the target being the own slot."""
+        logits = zs @ self.bank.memory.to(zs.dtype).T  # B x N
+        if self.positive == "view":
+            logits = logits.scatter(1, rows[:, None], pos[:, None])
+        loss = full_softmax_loss(logits, rows)
+        with torch.no_grad():
+            n_other = max(self.n_data - 1, 1)
+            neg_mean = (logits.sum() - logits.gather(1, rows[:, None]).sum()) / (rows.numel() * n_other)
+        return loss, neg_mean
+
+    def _in_batch_logits(self, zs: torch.Tensor, other: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, B) logits zs . other_j, -inf where sample j has the same slot as i (itself and duplicates)."""
+        extra = zs @ other.T  # B x B
+        same = idx[:, None] == idx[None, :]  # B x B
+        return extra.masked_fill(same, float("-inf"))
+
+    def _mean_stats(self, values: torch.Tensor) -> torch.Tensor:
+        """Batch statistics (loss, mean positive, mean negative logit) as reported: this batch's."""
+        return values
 
     def _negative_logits(self, zs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         memory = self.bank.memory

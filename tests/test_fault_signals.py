@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,66 @@ def test_ctrl_c_to_process_group_with_dataloader_workers(tmp_path, start_method)
     last = CliProcess(args + ["--out", str(run), "--resume"], tmp_path / "resume.log")
     assert last.wait() == 0, last.output()
     assert_same_run(tmp_path / "ref", run)
+
+
+class _MaskProbe:
+    """A dataset whose items say whether SIGINT is blocked in the process that loads them."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return int(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_forked_workers_start_with_sigint_blocked_and_no_signal_is_lost():
+    """A Ctrl-C during a forked worker's start-up (before its init ignores SIGINT) cannot kill it; the main process
+    keeps its mask, and a Ctrl-C that arrives while the workers start still reaches the main process's handler."""
+    import torch
+
+    from instdisc.training.loop import _start_workers
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    got = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        loader = torch.utils.data.DataLoader(_MaskProbe(), batch_size=1, num_workers=1,
+                                             multiprocessing_context="fork")
+        assert [int(b) for b in _start_workers(loader)] == [1, 1]
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert [int(b) for b in iter(loader)] == [int(signal.SIGINT in before)] * 2  # plain start: not blocked
+        real_iter = torch.utils.data.DataLoader.__iter__
+
+        def iter_and_interrupt(self):
+            it = real_iter(self)
+            os.kill(os.getpid(), signal.SIGINT)  # while the workers start
+            return it
+
+        torch.utils.data.DataLoader.__iter__ = iter_and_interrupt
+        try:
+            list(_start_workers(loader))
+        finally:
+            torch.utils.data.DataLoader.__iter__ = real_iter
+        for _ in range(100):  # another thread may take it; the handler runs in the main thread soon after
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_batches_failing_after_a_stop_request_end_the_epoch_as_a_stop():
+    """A worker killed by the same Ctrl-C makes the DataLoader raise: with a stop pending that is the stop."""
+    from instdisc.training.loop import _guarded
+
+    def batches():
+        yield "b0"
+        yield "b1"
+        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+    saved = []
+    got = list(_guarded(batches(), 0, saved.append, stopping=lambda: True))
+    assert got == ["b0", "b1", (None, None)] and saved == []
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(_guarded(batches(), 0, saved.append, stopping=lambda: False))

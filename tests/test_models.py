@@ -50,3 +50,20 @@ def test_head_unit_rows(kind):
 def test_head_bad_kind():
     with pytest.raises(InstdiscError, match="head"):
         ProjectionHead(4, 2, kind="conv")
+
+
+def test_pool2_keeps_the_quadrants():
+    """convnet-s-pool2 = convnet-s's body, then the mean of each quadrant of the last map, flattened."""
+    torch.manual_seed(0)
+    enc = build_encoder("convnet-s-pool2", in_channels=1, image_size=28).eval()
+    assert enc.feature_dim == 4 * 256
+    x = torch.randn(2, 1, 28, 28)
+    fmap = enc.body(x)  # (2, 256, 4, 4)
+    assert fmap.shape == (2, 256, 4, 4)
+    want = torch.stack([fmap[:, :, :2, :2].mean((2, 3)), fmap[:, :, :2, 2:].mean((2, 3)),
+                        fmap[:, :, 2:, :2].mean((2, 3)), fmap[:, :, 2:, 2:].mean((2, 3))], dim=2)  # (2, 256, 4)
+    torch.testing.assert_close(enc(x), want.reshape(2, -1))
+    # convnet-s is the same body with one global mean
+    gap = build_encoder("convnet-s", in_channels=1, image_size=28).eval()
+    gap.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(gap(x), fmap.mean((2, 3)))

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..errors import InstdiscError
-from ..losses import info_nce_loss, nce_loss
 from ..normaliser import NormaliserZ
 from ..objective import GATHER_BLOCK_ROWS, Objective, _fused_available
 from . import comm
@@ -144,44 +143,27 @@ class ShardedObjective(Objective):
     def forward(self, z: torch.Tensor, idx: torch.Tensor, *, z_pos: torch.Tensor | None = None,
                 generator: torch.Generator | None = None,
                 observe_z: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of this rank's batch (mean over its B samples) and stats averaged over ranks; see Objective."""
+        """Loss of this rank's batch (mean over its B samples) and stats averaged over ranks; see Objective.
+
+        ``idx`` are GLOBAL slots owned by this rank; a collective (every rank calls it alike)."""
         if generator is None and self.loss_name != "softmax":
             raise InstdiscError("a sharded objective needs the negatives' generator, seeded alike on every rank")
-        idx = self._check_inputs(z, idx, z_pos)  # (B,) global slots, range-checked
+        return super().forward(z, idx, z_pos=z_pos, generator=generator, observe_z=observe_z)
+
+    def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:
         self.partition.check_owned(idx)
-        local = self.partition.to_local(idx)  # (B,)
-        memory = self.bank.memory
-        zs = z * (1.0 / self.tau)  # B x D
-        target = memory.index_select(0, local).to(z.dtype) if self.positive == "bank" else z_pos  # B x D
-        pos = (zs * target).sum(dim=1)  # B
+        return self.partition.to_local(idx)  # (B,) rows of this rank's shard
 
-        if self.loss_name == "softmax":
-            loss, neg_mean = self._softmax(zs, pos, local)
-        else:
-            neg = self._negative_logits(zs, generator)  # B x K
-            if self.loss_name == "nce":
-                if observe_z:
-                    self.z.observe((pos.detach(), neg.detach()), self.n_data)
-                if not self.z.is_set:
-                    raise InstdiscError("the NCE normaliser Z is unset (log_z is nan); call forward with "
-                                        "observe_z=True at least once or load a checkpoint that has it")
-                loss = nce_loss(pos, neg, self.z.log_z, self.n_data)
-            else:
-                all_neg = neg
-                if self.in_batch:
-                    other = comm.gather_with_grad(z_pos if self.positive == "view" else z)  # W*B x D, global batch
-                    idx_all = comm.all_gather_tensor(idx)  # (W*B,)
-                    extra = zs @ other.T  # B x W*B
-                    same = idx[:, None] == idx_all[None, :]  # B x W*B, the sample itself (and duplicates)
-                    all_neg = torch.cat([neg, extra.masked_fill(same, float("-inf"))], dim=1)  # B x (K + W*B)
-                loss = info_nce_loss(pos, all_neg)
-            neg_mean = neg.detach().mean()
+    def _in_batch_logits(self, zs: torch.Tensor, other: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, W*B): the other views of the GLOBAL batch, gathered with gradient, as extra negatives."""
+        other = comm.gather_with_grad(other)  # W*B x D
+        idx_all = comm.all_gather_tensor(idx)  # (W*B,)
+        extra = zs @ other.T  # B x W*B
+        same = idx[:, None] == idx_all[None, :]  # B x W*B, the sample itself (and duplicates)
+        return extra.masked_fill(same, float("-inf"))
 
-        values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float()])
-        loss_v, pos_v, neg_v = (comm.all_reduce_(values) / self.partition.world).tolist()
-        log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
-        stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z}
-        return loss, stats
+    def _mean_stats(self, values: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce_(values) / self.partition.world  # global-batch values
 
     def _draw(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Global slots, uniform with replacement: the very call MemoryBank.sample makes in a single process."""
@@ -204,7 +186,7 @@ class ShardedObjective(Objective):
         grid = comm.all_reduce_with_grad(grid)  # every entry from its one owner
         return grid[p.rank * b:(p.rank + 1) * b]  # B x K
 
-    def _softmax(self, zs: torch.Tensor, pos: torch.Tensor, local: torch.Tensor):
+    def _softmax(self, zs: torch.Tensor, pos: torch.Tensor, local: torch.Tensor):  # local: this shard's rows
         """Cross entropy over all N slots; the partition function combines every rank's shard."""
         p, b = self.partition, zs.shape[0]
         zs_all = comm.gather_with_grad(zs)  # W*B x D

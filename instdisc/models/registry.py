@@ -48,9 +48,11 @@ def build_encoder(arch: str, *, in_channels: int = 3, image_size: int = 224) -> 
 
 
 class ConvNet(nn.Module):
-    """A small CNN for CPU budgets: 3x3 conv-BN-ReLU blocks, stride 2 after the first, global average pool."""
+    """A small CNN for CPU budgets: 3x3 conv-BN-ReLU blocks, stride 2 after the first, then average pooling to a
+    ``grid`` x ``grid`` map, flattened (``grid=1``: global average pooling; ``grid=2`` keeps the coarse layout: for
+    28 px images, the four quadrants of the last 4x4 map)."""
 
-    def __init__(self, widths: tuple[int, ...], in_channels: int):
+    def __init__(self, widths: tuple[int, ...], in_channels: int, grid: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -59,8 +61,8 @@ class ConvNet(nn.Module):
                        nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
         self.body = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = c
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.feature_dim = c * grid * grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.body(x)).flatten(1)  # (B, feature_dim)
@@ -95,6 +97,11 @@ def _convnet_tiny(in_channels: int, image_size: int) -> nn.Module:
 @register_encoder("convnet-s")
 def _convnet_s(in_channels: int, image_size: int) -> nn.Module:
     return ConvNet((32, 64, 128, 256), in_channels)
+
+
+@register_encoder("convnet-s-pool2")
+def _convnet_s_pool2(in_channels: int, image_size: int) -> nn.Module:
+    return ConvNet((32, 64, 128, 256), in_channels, grid=2)
 
 
 @register_encoder("convnet-m")

@@ -27,7 +27,7 @@ class TrainConfig:
     image_size: int | None = None
     skip_bad_images: bool = False
     recipe: str = "fast"
-    arch: str = "convnet-s"
+    arch: str = "convnet-s-pool2"
     head: str = "mlp"
     low_dim: int = 128
     epochs: int = 10
@@ -52,7 +52,7 @@ class TrainConfig:
     augment: str = "auto"              # auto | batch | pil
     crop_min: float = 0.2              # RandomResizedCrop keeps a fraction in [crop_min, 1] of the image area
     device: str = "auto"               # auto | cpu | cuda
-    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True                   # bf16 autocast of encoder + head on CUDA and on CPUs with native bf16
     seed: int = 0
     workers: int = 0
     log_every: int = 50

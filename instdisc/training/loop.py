@@ -34,6 +34,7 @@ from ..seeding import get_rng_state, seed_everything, set_rng_state
 from ..version import __version__
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .precision import as_channels_last, autocast, resolve_amp, use_channels_last
 from .progress import MetricsWriter, Progress, format_eta
 from .schedule import lr_at
 
@@ -156,7 +157,7 @@ class _Batches:
                                                  worker_init_fn=_ignore_sigint if cfg.workers else None,
                                                  # its base seed from here, not the global RNG (saved in checkpoints)
                                                  generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 4)))
-            for xs, idx in loader:
+            for xs, idx in _worker_batches(loader):
                 yield idx, [x.to(self.device, non_blocking=True) for x in xs]
 
 
@@ -165,14 +166,50 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` with SIGINT blocked in this thread while the worker processes start.
+
+    A Ctrl-C reaches the whole process group. A forked worker inherits the blocked mask, so it cannot die of a
+    Ctrl-C before ``_ignore_sigint`` runs; the signal itself is not lost: the kernel hands it to another thread of
+    this process, or to this one when the mask is restored, and the stop flag's handler runs. (A spawned worker
+    does not keep the mask; if one dies of a Ctrl-C while starting, ``_guarded`` turns its death into the stop.)
+    """
+    if (not loader.num_workers or not hasattr(signal, "pthread_sigmask")
+            or threading.current_thread() is not threading.main_thread()):
+        return iter(loader)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _worker_batches(loader: torch.utils.data.DataLoader):
+    """Iterate ``loader`` (workers started by ``_start_workers``) and shut its workers down when the consumer stops,
+    here rather than in the iterator's ``__del__``, where an error (e.g. a worker killed by the same Ctrl-C) would
+    be printed as a traceback after a clean stop."""
+    it = _start_workers(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:  # noqa: BLE001 - the run already stopped cleanly; say it and go on
+                log.debug("DataLoader worker shutdown: %s", e)
+
+
 class _DataError(InstdiscError):
     """An image could not be read while training (e.g. deleted after the start-up scan)."""
 
 
-def _guarded(batches, start: int, save):
+def _guarded(batches, start: int, save, stopping=lambda: False):
     """Yield from the batch iterator of an epoch that starts at step ``start``. When an image cannot be read, call
     ``save(steps_done)`` (every yielded batch was trained on: the state is at a step boundary) and raise a one-line
-    :class:`_DataError` naming the file (DataLoader workers' errors are unwrapped)."""
+    :class:`_DataError` naming the file (DataLoader workers' errors are unwrapped). When the batches fail while a
+    stop was requested (``stopping()``: a DataLoader worker killed by the same Ctrl-C), yield ``(None, None)``
+    instead, so the loop stops at this step boundary as for any signal."""
     done = start
     try:
         for item in batches:
@@ -188,6 +225,11 @@ def _guarded(batches, start: int, save):
         save(done)
         raise _DataError(f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a "
                          f"memory-bank slot), then continue with --resume") from None
+    except RuntimeError as e:
+        if not stopping():
+            raise
+        log.info("the batches stopped after the stop signal (%s)", (str(e).strip().splitlines() or ["?"])[0][:200])
+        yield None, None  # the loop sees the stop request before using the batch
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, n_data: int, ckpt_data: dict, fingerprint: str) -> None:
@@ -314,7 +356,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     if stale:
         log.warning("removed %d temp file(s) left by a killed run in %s, e.g. %s", len(stale), out, stale[0].name)
 
-    model.to(device)
+    use_channels_last(model.to(device))  # conv weights channels-last: faster oneDNN / cuDNN kernels
     embed = None if dist is None else dist.wrap(model)  # [distributed] DDP over encoder + head
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     batches = _Batches(cfg, ds, device, use_batch_aug) if dist is None else dist.batches(cfg, ds, device, use_batch_aug)
@@ -322,6 +364,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     total_steps = spe * cfg.epochs
     metrics = MetricsWriter(out / "metrics.jsonl" if dist is None or dist.is_main else os.devnull)
 
+    amp = resolve_amp(cfg.amp, device)  # bf16 autocast of encoder + head (CUDA; CPUs with native bf16)
     epoch, start, global_step, epoch_losses = 0, 0, 0, []
     if ckpt is not None:
         try:
@@ -344,7 +387,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
         seed_everything(cfg.seed)  # global RNG state is then a function of (seed, step), saved and restored exactly
         resolved = cfg.to_dict()
         resolved.update(instdisc_version=__version__, git_commit=_git_commit(), device_resolved=str(device),
-                        augment_resolved="batch" if use_batch_aug else "pil", dataset=data_info,
+                        augment_resolved="batch" if use_batch_aug else "pil", amp_resolved=amp, dataset=data_info,
                         steps_per_epoch=spe, torch_version=torch.__version__)
         if dist is not None:
             resolved["distributed"] = dist.checkpoint_info(cfg)
@@ -358,7 +401,6 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
                 dist.init_bank_from_encoder(model, ds, max(256, cfg.batch_size))
             log.info("memory bank initialised from the untrained encoder in %.1fs", time.perf_counter() - t0)
 
-    amp = cfg.amp and device.type == "cuda"
     stop = stop_flag or _StopFlag()
 
     def checkpoint(ep: int, step_in_epoch: int, losses: list[float]) -> None:
@@ -378,16 +420,17 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     interrupted, stop_signal = False, None
     knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
                    if cfg.knn_every else None)
-    log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s",
-             cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil")
+    log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s, %s",
+             cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil",
+             "bf16 autocast" if amp else "float32")
     model.train()
     with stop.installed():
         while epoch < cfg.epochs:
             t_epoch, losses, epoch_losses = time.perf_counter(), epoch_losses, []
             on_data_error = (functools.partial(checkpoint, epoch, losses=losses)  # (steps_done) -> save
                              if dist is None else dist.data_error)
-            for s_idx, (idx, views) in enumerate(_guarded(batches.epoch(epoch, start), start, on_data_error),
-                                                 start=start):
+            for s_idx, (idx, views) in enumerate(_guarded(batches.epoch(epoch, start), start, on_data_error,
+                                                          lambda: stop.signum is not None), start=start):
                 if (stop.signum is not None) if dist is None else dist.any_true(stop.signum is not None):
                     interrupted = True
                     break
@@ -454,9 +497,8 @@ def _step_loss(model: InstDiscModel, views: list[torch.Tensor], idx: torch.Tenso
     """Loss of one batch and the embedding that refreshes the batch's bank slots (``embed``: the DDP-wrapped
     encoder + head of a distributed run; default ``model.embed``)."""
     B = idx.shape[0]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    with ctx:
-        z = (model.embed if embed is None else embed)(torch.cat(views, 0))  # (V*B, low_dim)
+    with autocast(idx.device, amp):
+        z = (model.embed if embed is None else embed)(as_channels_last(torch.cat(views, 0)))  # (V*B, low_dim)
     z = F.normalize(z.float(), dim=1)
     if cfg.views == 1:
         loss, stats = model.objective(z, idx, generator=g_neg)

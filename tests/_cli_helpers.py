@@ -1,19 +1,8 @@
-"""Shared by the CLI test files: a tiny trained run, an in-process invoke, and the one-line-error check."""
-import pytest
+"""Shared by the CLI test files: an in-process invoke and the one-line-error check (the tiny trained run is the
+``run`` fixture of conftest.py)."""
 from click.testing import CliRunner
-from conftest import make_fake_mnist
-from test_train_loop import tiny_cfg
 
-from instdisc.training import train
 from instdisc_cli.main import cli
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(tiny_cfg(root, out, limit=32, nce_k=16))
-    return out, root
 
 
 def invoke(args):

@@ -38,3 +38,28 @@ def make_fake_mnist(root: Path, n_train: int = 96, n_test: int = 40, size: int =
 @pytest.fixture
 def fake_mnist(tmp_path) -> Path:
     return make_fake_mnist(tmp_path / "fmnist")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run (one per test module): (run directory, fake Fashion-MNIST root)."""
+    from test_train_loop import tiny_cfg
+
+    from instdisc.training import train
+
+    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(tiny_cfg(root, out, limit=32, nce_k=16))
+    return out, root
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """For modules of tiny FAISS indexes: on a busy 2-core machine OpenMP spin-waiting makes each FAISS call cost up
+    to seconds, while one thread gives the same results at once."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)

@@ -1,7 +1,7 @@
 """``instdisc linear-probe`` / ``finetune`` through click's CliRunner."""
 import json
 
-from _cli_helpers import assert_one_line_error, invoke, run  # noqa: F401  (run is a fixture)
+from _cli_helpers import assert_one_line_error, invoke
 
 
 def test_linear_probe_cli(run):

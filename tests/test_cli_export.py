@@ -2,7 +2,7 @@
 import json
 
 import h5py
-from _cli_helpers import assert_one_line_error, invoke, run  # noqa: F401  (run is a fixture)
+from _cli_helpers import assert_one_line_error, invoke
 
 
 def test_export_encoder_cli(run, tmp_path):

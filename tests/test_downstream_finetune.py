@@ -3,23 +3,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_fake_mnist
-from test_train_loop import tiny_cfg
 
 from instdisc.data import batch_eval, build_dataset
 from instdisc.downstream.finetune import FinetunedClassifier, finetune, load_finetuned
 from instdisc.errors import InstdiscError
 from instdisc.export.encoder import export_encoder, load_torchscript
 from instdisc.source import open_model
-from instdisc.training import load_run, train
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(tiny_cfg(root, out, limit=32, nce_k=16))
-    return out, root
+from instdisc.training import load_run
 
 
 @pytest.fixture(scope="module")

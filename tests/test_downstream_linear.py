@@ -3,21 +3,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_fake_mnist
-from test_train_loop import tiny_cfg
 
 from instdisc.errors import InstdiscError
 from instdisc.downstream.linear import (LinearClassifier, fit_linear, linear_probe, preprocessing, probe_loss,
                                         topk_accuracy)
-from instdisc.training import train
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(tiny_cfg(root, out, limit=32, nce_k=16))
-    return out, root
 
 
 def _blobs(n_per=60, d=12, c=4, seed=0):

@@ -6,24 +6,14 @@ import sys
 
 import pytest
 import torch
-from conftest import make_fake_mnist
-from test_train_loop import tiny_cfg
 
 import instdisc.export.encoder as enc_mod
 from instdisc.data import batch_eval, build_dataset
 from instdisc.errors import InstdiscError
 from instdisc.export.encoder import export_encoder, load_encoder, load_torchscript, read_export
 from instdisc.source import open_model
-from instdisc.training import load_run, train
+from instdisc.training import load_run
 from instdisc.training.checkpoint import file_sha256
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(tiny_cfg(root, out, limit=32, nce_k=16))
-    return out, root
 
 
 @pytest.fixture(scope="module")

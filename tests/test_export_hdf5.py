@@ -4,7 +4,6 @@ import h5py
 import numpy as np
 import pytest
 from _image_helpers import make_mixed_folder
-from conftest import make_fake_mnist
 from test_train_loop import tiny_cfg
 
 from instdisc.data import build_dataset
@@ -19,14 +18,6 @@ from instdisc.training.checkpoint import file_sha256
 
 class Stop(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_fake_mnist(tmp_path_factory.mktemp("data") / "fmnist")
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(tiny_cfg(root, out, limit=32, nce_k=16))
-    return out, root
 
 
 def _export(run, out, **kw):

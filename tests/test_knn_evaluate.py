@@ -6,7 +6,6 @@ import math
 import warnings
 from collections import Counter
 
-import faiss
 import numpy as np
 import pytest
 
@@ -17,14 +16,8 @@ KNN_KEYS = {"top1", "top5", "nn1", "majority", "per_class", "k", "k_requested", 
             "n_classes", "index", "gpu", "seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """These indexes are tiny: on a busy 2-core machine OpenMP spin-waiting makes each FAISS call cost up to
-    seconds, while one thread gives the same results at once."""
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes: see conftest.py
+
 
 # ---------------------------------------------------------------------------------------------- reference
 def ref_knn_eval(train, train_labels, test, test_labels, k, tau):

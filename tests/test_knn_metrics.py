@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import faiss
 import numpy as np
 import pytest
 
@@ -14,14 +13,8 @@ from instdisc.knn.metrics import (average_precisions, encode_labels, knn_classif
                                   mean_average_precision, recall_at_k, relevant_counts, weighted_knn_predict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """These indexes are tiny: on a busy 2-core machine OpenMP spin-waiting makes each FAISS call cost up to
-    seconds, while one thread gives the same results at once."""
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes: see conftest.py
+
 
 # ---------------------------------------------------------------------------------------------- references
 def ref_scores(sims, labels, n_classes, tau):

@@ -15,14 +15,8 @@ from instdisc.knn.search import KnnIndex, build_index, default_nlist, iter_searc
 search_mod = importlib.import_module("instdisc.knn.search")  # the package re-exports a function of this name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """These indexes are tiny: on a busy 2-core machine OpenMP spin-waiting makes each FAISS call cost up to
-    seconds, while one thread gives the same results at once."""
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes: see conftest.py
+
 
 # ---------------------------------------------------------------------------------------------- reference
 def ref_search(q: np.ndarray, g: np.ndarray, k: int, exclude_self: bool = False):

@@ -21,14 +21,17 @@ from .app import cli, data_options
 @click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s-pool2].")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Projection head.")
 @click.option("--low-dim", type=int, default=None, help="Embedding dimension (default 128).")
-@click.option("--nce-k", type=int, default=None, help="Negatives K per sample (default 4096).")
+@click.option("--nce-k", type=int, default=None, help="Bank negatives K per sample (default 4096; 0: no bank negatives).")
 @click.option("--nce-t", type=float, default=None, help="Temperature tau (default 0.07).")
 @click.option("--nce-m", type=float, default=None, help="Bank momentum m (default 0.5).")
 @click.option("--loss", type=click.Choice(["nce", "infonce", "softmax"]), default=None)
 @click.option("--negatives", type=click.Choice(["shared", "per-sample"]), default=None,
               help="One draw of K for the batch, or K per sample (exact InstDisc).")
-@click.option("--positive", type=click.Choice(["bank", "view"]), default=None,
-              help="The sample's bank slot (InstDisc) or the other view's embedding.")
+@click.option("--positive", type=click.Choice(["bank", "view", "view+bank", "neighbour", "view+neighbour"]), default=None,
+              help="The sample's bank slot (InstDisc), the other view's embedding, or both in two terms "
+                   "(view vs in-batch negatives + own bank row vs bank negatives).")
+@click.option("--bank-weight", type=float, default=None,
+              help="--positive view+bank: weight w of the bank term, 1 - w of the view term (default 0.5).")
 @click.option("--in-batch/--no-in-batch", default=None, help="Also use the batch's other views as negatives.")
 @click.option("--z-mode", type=click.Choice(["first-batch", "running"]), default=None, help="NCE normaliser Z.")
 @click.option("--bank-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)

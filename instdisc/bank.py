@@ -12,10 +12,16 @@ from torch import nn
 
 from instdisc.errors import InstdiscError
 
-__all__ = ["MemoryBank", "BANK_DTYPES", "SAMPLE_MODES"]
+__all__ = ["MemoryBank", "BANK_DTYPES", "SAMPLE_MODES", "DEFAULT_K", "auto_k"]
 
 BANK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SAMPLE_MODES = ("per-sample", "shared")
+DEFAULT_K = 4096  # InstDisc's number of negatives
+
+
+def auto_k(n_data: int) -> int:
+    """K when none is given: DEFAULT_K, or half the slots when that is fewer (K must stay below N)."""
+    return max(1, min(DEFAULT_K, int(n_data) // 2))
 
 
 class MemoryBank(nn.Module):

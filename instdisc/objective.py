@@ -5,6 +5,13 @@ momentum m. Every logit is s / tau with s = z . v, computed as (z / tau) . v.
 
     positive  "bank": s_pos = z_i . v_{idx_i}           (reference code)
               "view": s_pos = z_i . z_pos_i             (the other augmented view)
+              "view+bank": two InfoNCE terms, (1 - w) [z_i . z_pos_i | in-batch z_i . z_pos_j]
+                           + w [z_i . v_{idx_i} | K bank rows z_i . v_k]: fresh columns compete with fresh ones,
+                           stored rows with stored rows (docs/bank.md: one softmax mixing them lets the encoder
+                           win by drifting away from its own stale rows); K = 0 leaves the view term alone
+              "neighbour": NNCLR (Dwibedi et al. 2021): anchor a_i = the stored row nearest to z_i other than
+                           v_{idx_i}, InfoNCE [a_i . z_pos_i | a_i . z_pos_j]; "view+neighbour" mixes it with the
+                           view term, weights 1 - w and w
     negatives "per-sample": K slots drawn for every sample, (B, K) indices, s_ik = z_i . v_{n_ik}
               "shared":     K slots drawn once per batch, (K,) indices, S = z V^T, one matmul
     loss      "nce":     NCE with Pn = 1/N and the estimated Z (instdisc.losses.nce_loss)
@@ -41,7 +48,8 @@ __all__ = ["Objective", "per_sample_logits", "LOSSES", "NEGATIVES", "POSITIVES",
 
 LOSSES = ("nce", "infonce", "softmax")
 NEGATIVES = ("per-sample", "shared")
-POSITIVES = ("bank", "view")
+POSITIVES = ("bank", "view", "view+bank", "neighbour", "view+neighbour")
+NEAREST_BLOCK_ROWS = 65536  # neighbour search: bank rows scored at once (B x 65536 similarities)
 GATHER_BLOCK_ROWS = 4096  # tiled per-sample path: bank rows gathered at once (2 MiB at D = 128, float32)
 
 
@@ -186,6 +194,19 @@ def per_sample_logits(zs: torch.Tensor, memory: torch.Tensor, neg_idx: torch.Ten
     return _PerSampleLogits.apply(zs, memory, neg_idx.to(torch.int64).contiguous(), int(block_rows), fused)
 
 
+def _finite_mean(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the finite entries (masked in-batch columns are -inf); nan when there are none."""
+    keep = torch.isfinite(logits)
+    return logits.masked_fill(~keep, 0.0).sum() / keep.sum()
+
+
+def _softmax_weight(pos: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+    """(B,) softmax probability of the positive column in [pos | neg] (1 where there is no negative)."""
+    if neg is None or neg.shape[1] == 0:
+        return torch.ones_like(pos)
+    return (pos - torch.logaddexp(pos, torch.logsumexp(neg, dim=1))).exp()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the objective
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +234,7 @@ class Objective(nn.Module):
     def __init__(self, n_data: int, dim: int, *, k: int = 4096, tau: float = 0.07, m: float = 0.5,
                  loss: str = "nce", negatives: str = "per-sample", positive: str = "bank", in_batch: bool = False,
                  z_mode: str = "first-batch", z_momentum: float = 0.99, bank_dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None) -> None:
+                 bank_weight: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise InstdiscError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -224,8 +245,22 @@ class Objective(nn.Module):
         n_data, dim, k = int(n_data), int(dim), int(k)
         if n_data < 2:
             raise InstdiscError(f"n_data must be >= 2, got {n_data}")
-        if loss != "softmax" and not 1 <= k < n_data:
-            raise InstdiscError(f"k must satisfy 1 <= k < n_data, got k={k} with n_data={n_data}")
+        if loss != "softmax" and not 0 <= k < n_data:
+            raise InstdiscError(f"k must satisfy 0 <= k < n_data, got k={k} with n_data={n_data}")
+        if k == 0 and loss != "softmax" and not (
+                loss == "infonce" and in_batch and positive in ("view", "view+bank", "neighbour", "view+neighbour")):
+            raise InstdiscError("k=0 (no bank negatives) needs loss='infonce' with positive='view' and in_batch=True: "
+                                "the in-batch negatives are then the only ones")
+        if positive in ("neighbour", "view+neighbour") and not (loss == "infonce" and in_batch):
+            raise InstdiscError(f"positive={positive!r} needs loss='infonce' and in_batch=True (its candidates are the "
+                                "batch's other views)")
+        if positive == "view+bank" and loss != "infonce":
+            raise InstdiscError(f"positive='view+bank' needs loss='infonce', got loss={loss!r}")
+        if positive == "view+bank" and not in_batch:
+            raise InstdiscError("positive='view+bank' needs in_batch=True (the negatives of its view term)")
+        bank_weight = float(bank_weight)
+        if not 0.0 < bank_weight <= 1.0:
+            raise InstdiscError(f"bank_weight must be in (0, 1], got {bank_weight}")
         tau, m = float(tau), float(m)
         if not (tau > 0.0 and math.isfinite(tau)):
             raise InstdiscError(f"tau must be a finite number > 0, got {tau}")
@@ -236,6 +271,7 @@ class Objective(nn.Module):
                                 f"the uniform bank sampler; softmax already scores every slot)")
         self.n_data, self.dim, self.k, self.tau, self.m = n_data, dim, k, tau, m
         self.loss_name, self.negatives, self.positive, self.in_batch = loss, negatives, positive, bool(in_batch)
+        self.bank_weight = bank_weight
         self.bank = self._make_bank(n_data, dim, bank_dtype, generator)
         self.z = NormaliserZ(z_mode, z_momentum)
 
@@ -258,25 +294,38 @@ class Objective(nn.Module):
         Args:
             z: (B, D) unit embeddings (with grad).
             idx: (B,) int64 bank slots of the samples.
-            z_pos: (B, D) the other view's embeddings; required iff positive == "view".
+            z_pos: (B, D) the other view's embeddings; required unless positive == "bank".
             generator: draws the negatives.
             observe_z: loss "nce" only: update the Z estimate from this batch (see module docstring).
 
         Returns:
-            (loss, stats) with stats = {"loss", "pos_sim", "neg_sim", "log_z"} as floats: pos_sim is the mean
-            positive cosine z . v (or z . z_pos), neg_sim the mean over the bank negatives (all non-target slots
-            for "softmax"), log_z the current log Z (nan when unset or unused).
+            (loss, stats) with stats as floats: ``pos_sim`` the mean positive cosine z . v (or z . z_pos; for
+            "neighbour" the anchor's), ``neg_sim`` the mean over the bank negatives (all non-target slots for
+            "softmax"; nan without bank negatives), ``log_z`` the current log Z (nan when unset or unused),
+            ``own_sim`` the mean cosine z_i . v_idx_i with the sample's own row before this step's update (how
+            stale the bank is for this batch), ``inbatch_sim`` the mean over the in-batch negatives (nan without),
+            ``bank_share`` per sample the share of the softmax weight on negatives (the negatives' side of the
+            gradient) that falls on bank rows, averaged over the batch (1 for NCE and softmax, 0 with K = 0).
         """
         idx = self._check_inputs(z, idx, z_pos)
         rows = self._bank_rows(idx)  # (B,) the batch's rows in this bank
         zs = z * (1.0 / self.tau)  # B x D, every logit is zs . v
-        target = self.bank.memory.index_select(0, rows).to(z.dtype) if self.positive == "bank" else z_pos  # B x D
-        pos = (zs * target).sum(dim=1)  # B
+        own = (zs * self.bank.memory.index_select(0, rows).to(z.dtype)).sum(dim=1)  # B, z_i . v_idx_i / tau
+        if self.positive in ("neighbour", "view+neighbour"):  # anchor: the nearest other bank row to z (NNCLR)
+            anchor = self._nearest_rows(z.detach(), idx).to(z.dtype) * (1.0 / self.tau)  # B x D, no grad
+            loss, stats = self._neighbour_loss(anchor, zs, z_pos, own, idx)
+            if self.positive == "view+neighbour":
+                view = info_nce_loss((zs * z_pos).sum(dim=1), self._in_batch_logits(zs, z_pos, idx))
+                loss = (1.0 - self.bank_weight) * view + self.bank_weight * loss
+            return loss, stats
+        pos = own if self.positive == "bank" else (zs * z_pos).sum(dim=1)  # B
+        nan = zs.new_tensor(float("nan"))
+        inb_mean, bank_share = nan, zs.new_tensor(1.0)
 
         if self.loss_name == "softmax":
             loss, neg_mean = self._softmax(zs, pos, rows)
         else:
-            neg = self._negative_logits(zs, generator)  # B x K
+            neg = self._negative_logits(zs, generator) if self.k else zs.new_empty(zs.shape[0], 0)  # B x K
             if self.loss_name == "nce":
                 if observe_z:
                     self.z.observe((pos.detach(), neg.detach()), self.n_data)
@@ -285,18 +334,67 @@ class Objective(nn.Module):
                                         "observe_z=True at least once or load a checkpoint that has it")
                 loss = nce_loss(pos, neg, self.z.log_z, self.n_data)
             else:
-                all_neg = neg
+                inb = None
                 if self.in_batch:
-                    other = z_pos if self.positive == "view" else z  # B x D
-                    all_neg = torch.cat([neg, self._in_batch_logits(zs, other, idx)], dim=1)  # B x (K + B')
-                loss = info_nce_loss(pos, all_neg)
-            neg_mean = neg.detach().mean()
+                    other = z if self.positive == "bank" else z_pos  # B x D
+                    inb = self._in_batch_logits(zs, other, idx)  # B x B' (-inf: the sample itself)
+                    inb_mean = _finite_mean(inb.detach())
+                if self.positive == "view+bank" and self.k:  # two softmaxes: fresh vs fresh, bank vs bank
+                    w = self.bank_weight
+                    loss = (1.0 - w) * info_nce_loss(pos, inb) + w * info_nce_loss(own, neg)
+                    with torch.no_grad():
+                        neg_w_bank = w * (1.0 - _softmax_weight(own, neg))  # B, the bank term's negative weight
+                        neg_w_view = (1.0 - w) * (1.0 - _softmax_weight(pos, inb))  # B
+                        bank_share = (neg_w_bank / (neg_w_bank + neg_w_view).clamp(min=1e-30)).mean()
+                else:
+                    all_neg = neg if inb is None else torch.cat([neg, inb], dim=1)  # B x (K + B')
+                    loss = info_nce_loss(pos, all_neg)
+                    if inb is not None:
+                        with torch.no_grad():
+                            lse_bank = torch.logsumexp(neg.detach(), dim=1) if self.k else None  # B
+                            lse_all = torch.logsumexp(all_neg.detach(), dim=1)  # B
+                            bank_share = (lse_bank - lse_all).exp().mean() if self.k else zs.new_tensor(0.0)
+            neg_mean = neg.detach().mean() if self.k else nan
 
-        values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float()])
-        loss_v, pos_v, neg_v = self._mean_stats(values).tolist()
+        values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float(),
+                              own.detach().float().mean(), inb_mean.float(), bank_share.float()])
+        loss_v, pos_v, neg_v, own_v, inb_v, share_v = self._mean_stats(values).tolist()
         log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
-        stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z}
+        stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z,
+                 "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": share_v}
         return loss, stats
+
+    def _neighbour_loss(self, anchor, zs, z_pos, own, idx):
+        """InfoNCE of the anchor NN(z_i) against the batch's other views: target z_pos_i, candidates z_pos_j."""
+        pos = (anchor * z_pos).sum(dim=1)  # B
+        inb = self._in_batch_logits(anchor, z_pos, idx)  # B x B'
+        loss = info_nce_loss(pos, inb)
+        nan = zs.new_tensor(float("nan"))
+        values = torch.stack([loss.detach().float(), pos.detach().float().mean(), nan.float(),
+                              own.detach().float().mean(), _finite_mean(inb.detach()).float(), nan.float()])
+        loss_v, pos_v, _, own_v, inb_v, _ = self._mean_stats(values).tolist()
+        return loss, {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": float("nan"), "log_z": float("nan"),
+                      "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": float("nan")}
+
+    @torch.no_grad()
+    def _nearest_rows(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, D): for each query q_i (B x D) the bank row most similar to it among the slots other than idx_i
+        (ties: the lowest slot), scored NEAREST_BLOCK_ROWS rows at a time."""
+        memory = self.bank.memory
+        q = q.to(device=memory.device, dtype=torch.float32)
+        best = torch.full((q.shape[0],), float("-inf"), device=memory.device)  # B
+        arg = torch.zeros(q.shape[0], dtype=torch.int64, device=memory.device)  # B
+        for s in range(0, memory.shape[0], NEAREST_BLOCK_ROWS):
+            block = memory[s:s + NEAREST_BLOCK_ROWS].float()  # R x D
+            sims = q @ block.T  # B x R
+            own = idx - s  # B, the own slot's column in this block
+            inside = (own >= 0) & (own < block.shape[0])
+            sims[inside.nonzero().squeeze(1), own[inside]] = float("-inf")
+            val, col = sims.max(dim=1)  # B, first maximum: the lowest slot among ties
+            better = val > best
+            best = torch.where(better, val, best)
+            arg = torch.where(better, col + s, arg)
+        return memory.index_select(0, arg).float()
 
     # Hooks that instdisc.distributed.ShardedObjective overrides for one rank's shard of the bank.
     def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -346,9 +444,9 @@ class Objective(nn.Module):
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= self.n_data:
             raise InstdiscError(f"idx out of range [0, {self.n_data}): min {int(lo)}, max {int(hi)}")
-        if self.positive == "view":
+        if self.positive != "bank":
             if z_pos is None:
-                raise InstdiscError("positive='view' needs z_pos (the other view's embeddings)")
+                raise InstdiscError(f"positive={self.positive!r} needs z_pos (the other view's embeddings)")
             if tuple(z_pos.shape) != tuple(z.shape):
                 raise InstdiscError(f"z_pos must have the shape of z {tuple(z.shape)}, got {tuple(z_pos.shape)}")
         elif z_pos is not None:

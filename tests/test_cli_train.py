@@ -37,3 +37,29 @@ def test_bad_input_one_line_exit_2(fake_mnist, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().startswith("error:") and "tau" in r.output and len(r.output.strip().splitlines()) == 1
     assert "Traceback" not in r.output
+
+
+def test_bank_flags_reach_the_config(fake_mnist, tmp_path):
+    common = ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--arch", "convnet-tiny", "--batch-size",
+              "16", "--low-dim", "8", "--epochs", "1"]
+    r = run(common + ["--out", str(tmp_path / "w"), "--bank-weight", "0.3", "--nce-k", "24"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (cfg["positive"], cfg["bank_weight"], cfg["nce_k"]) == ("view+bank", 0.3, 24)
+    r = run(common + ["--out", str(tmp_path / "c"), "--nce-k", "0"])  # the no-bank control
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["nce_k"] == 0
+    r = run(common + ["--out", str(tmp_path / "a")])  # K not given: half the 96 images
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["nce_k"] == 48
+
+
+def test_k_that_cannot_work_is_refused_before_training(fake_mnist, tmp_path):
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
+                                 str(tmp_path / "x"), "--nce-k", "500", "--batch-size", "16"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == "error: --nce-k (500) must be smaller than the number of images (96)"
+    assert not (tmp_path / "x").exists()
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
+                                 str(tmp_path / "y"), "--bank-weight", "0"])
+    assert r.exit_code == 2 and "--bank-weight must be in (0, 1], got 0.0" in r.output

@@ -41,6 +41,11 @@ OBJECTIVE_CASES = {
     "infonce-per-sample-bank-inbatch": dict(loss="infonce", negatives="per-sample", positive="bank", in_batch=True),
     "softmax-bank": dict(loss="softmax", positive="bank"),
     "softmax-view": dict(loss="softmax", positive="view"),
+    "infonce-shared-view+bank": dict(loss="infonce", negatives="shared", positive="view+bank", in_batch=True),
+    "infonce-per-sample-view+bank": dict(loss="infonce", negatives="per-sample", positive="view+bank",
+                                         in_batch=True, bank_weight=0.3),
+    "infonce-view-no-bank": dict(loss="infonce", positive="view", in_batch=True, k=0),
+    "infonce-neighbour": dict(loss="infonce", positive="neighbour", in_batch=True, k=0),
 }
 
 
@@ -66,7 +71,8 @@ def _objective_inputs(case: dict):
     g = torch.Generator().manual_seed(1)
     z = F.normalize(torch.randn(WORLD * B_OBJ, D_OBJ, generator=g), dim=1)  # W*B x D
     zp = F.normalize(torch.randn(WORLD * B_OBJ, D_OBJ, generator=g), dim=1)
-    kw = dict(k=K_OBJ, tau=0.1, m=0.5, **{k: v for k, v in case.items() if k != "bank_dtype"})
+    kw = dict(k=K_OBJ, tau=0.1, m=0.5)
+    kw.update({k: v for k, v in case.items() if k != "bank_dtype"})
     kw["bank_dtype"] = getattr(torch, case.get("bank_dtype", "float32"))
     return torch.from_numpy(idx), z, zp, kw
 
@@ -121,7 +127,7 @@ def _worker(out: Path, fm_root: str) -> None:  # runs in each torchrun process
         z, zp = z[mine].clone().requires_grad_(), zp[mine].clone().requires_grad_()
         obj = ShardedObjective(N_OBJ, D_OBJ, partition=part, generator=torch.Generator().manual_seed(7), **kw)
         bank0 = obj.bank.memory.clone()
-        loss, stats = _objective_step(obj, z, zp, idx[mine], case.get("positive") == "view")
+        loss, stats = _objective_step(obj, z, zp, idx[mine], case.get("positive", "bank") != "bank")
         objective[name] = dict(loss=loss, stats=stats, grad_z=z.grad, grad_zp=zp.grad, log_z=obj.z.log_z.clone(),
                                bank0=bank0, bank1=obj.bank.memory.clone())
     torch.save(objective, out / f"objective_rank{rank}.pt")
@@ -196,7 +202,7 @@ def test_objective_matches_single_process(two_procs, name):
     z, zp = z.clone().requires_grad_(), zp.clone().requires_grad_()
     ref = Objective(N_OBJ, D_OBJ, generator=torch.Generator().manual_seed(7), **kw)
     bank0 = ref.bank.memory.clone()
-    loss, stats = _objective_step(ref, z, zp, idx, case.get("positive") == "view")
+    loss, stats = _objective_step(ref, z, zp, idx, case.get("positive", "bank") != "bank")
 
     for r, got in enumerate(ranks):
         # exact: the initial shard, and the bank rows after the same update (the rows' arithmetic is row-local)
@@ -207,8 +213,8 @@ def test_objective_matches_single_process(two_procs, name):
         torch.testing.assert_close(got["grad_z"] / WORLD, z.grad[mine], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["grad_zp"] / WORLD, zp.grad[mine], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["log_z"], ref.z.log_z, rtol=1e-6, atol=1e-9, equal_nan=True)
-        for key in ("loss", "pos_sim", "neg_sim"):
-            assert got["stats"][key] == pytest.approx(stats[key], rel=1e-5, abs=1e-6), key
+        for key in ("loss", "pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share"):
+            assert got["stats"][key] == pytest.approx(stats[key], rel=1e-5, abs=1e-6, nan_ok=True), key
     mean_loss = sum(g["loss"] for g in ranks) / WORLD
     torch.testing.assert_close(mean_loss, loss, rtol=1e-5, atol=1e-6)
 

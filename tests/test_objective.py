@@ -164,6 +164,12 @@ def _objective(n=40, d=8, **kw):
     return Objective(n, d, generator=_gen(0), **kw)
 
 
+def _same_stats(a: dict, b: dict) -> bool:
+    """Equal stats dicts, nan equal to nan (unused statistics are nan)."""
+    return a.keys() == b.keys() and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in
+                                        ((a[k], b[k]) for k in a))
+
+
 def _negatives_for(obj, b, seed):
     """The indices forward draws with a generator seeded ``seed`` (its only random draw)."""
     mode = obj.negatives
@@ -371,15 +377,16 @@ def test_deterministic_and_degenerate_sizes():
     z, idx = _unit(1, 8, 1).requires_grad_(), torch.tensor([6])  # one query, K = 1, N not a multiple of B
     a = obj(z, idx, generator=_gen(5))
     b = obj(z, idx, generator=_gen(5))
-    assert a[0].item() == b[0].item() and a[1] == b[1]
-    assert set(a[1]) == {"loss", "pos_sim", "neg_sim", "log_z"}
+    assert a[0].item() == b[0].item() and _same_stats(a[1], b[1])
+    assert set(a[1]) == {"loss", "pos_sim", "neg_sim", "log_z", "own_sim", "inbatch_sim", "bank_share"}
     assert all(isinstance(v, float) for v in a[1].values())
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs,match", [
-    ({"k": 40}, "k must satisfy 1 <= k < n_data, got k=40 with n_data=40"),
-    ({"k": 0}, "got k=0"),
+    ({"k": 40}, "k must satisfy 0 <= k < n_data, got k=40 with n_data=40"),
+    ({"k": -1}, "got k=-1"),
+    ({"k": 0}, "k=0 \\(no bank negatives\\) needs loss='infonce'"),
     ({"tau": 0.0}, "tau must be a finite number > 0, got 0.0"),
     ({"tau": -1.0}, "got -1.0"),
     ({"m": 1.0}, r"m must be in \[0, 1\), got 1.0"),
@@ -413,3 +420,104 @@ def test_forward_validation():
         view(z, torch.arange(3))
     with pytest.raises(InstdiscError, match=r"z_pos must have the shape of z \(3, 8\), got \(2, 8\)"):
         view(z, torch.arange(3), z_pos=z[:2])
+
+
+# ---------------------------------------------------------------------------------------------------- view+bank, K = 0
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("w", [0.5, 0.25, 1.0])
+def test_view_plus_bank_matches_python_loop_reference(negatives, w):
+    """(1 - w) InfoNCE(z . z_pos | in-batch z_pos_j) + w InfoNCE(z . v_idx | K bank rows), from the definitions."""
+    obj = _objective(loss="infonce", negatives=negatives, positive="view+bank", in_batch=True, bank_weight=w,
+                     bank_dtype=F64)
+    idx = torch.tensor([4, 9, 4, 20, 33])  # slot 4 twice: those two samples are not each other's negatives
+    z = _unit(5, 8, 3, F64).requires_grad_()
+    z_pos = _unit(5, 8, 4, F64)
+    loss, stats = obj(z, idx, z_pos=z_pos, generator=_gen(6))
+    mem, zl, zp = obj.bank.memory.tolist(), z.double().tolist(), z_pos.double().tolist()
+    neg_idx = _negatives_for(obj, 5, 6)
+    t = obj.tau
+    view_pos = [_dot(zl[i], zp[i]) / t for i in range(5)]
+    view_neg = [[_dot(zl[i], zp[j]) / t for j in range(5) if int(idx[j]) != int(idx[i])] for i in range(5)]
+    bank_pos = [_dot(zl[i], mem[int(idx[i])]) / t for i in range(5)]
+    bank_neg = [[_dot(zl[i], mem[j]) / t for j in (neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist())]
+                for i in range(5)]
+    want = (1 - w) * reference_infonce_py(view_pos, view_neg) + w * reference_infonce_py(bank_pos, bank_neg)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    assert stats["pos_sim"] == pytest.approx(sum(view_pos) / 5 * t, rel=1e-6)
+    assert stats["own_sim"] == pytest.approx(sum(bank_pos) / 5 * t, rel=1e-6)
+    n_inb = sum(len(r) for r in view_neg)
+    assert stats["inbatch_sim"] == pytest.approx(sum(map(sum, view_neg)) / n_inb * t, rel=1e-6)
+
+    # bank_share: per sample, the bank term's share of the softmax weight on negatives (the negative side of the
+    # gradient), averaged over the batch
+    def neg_weight(pos, neg):
+        return [1 - math.exp(p) / (math.exp(p) + sum(math.exp(x) for x in row)) for p, row in zip(pos, neg)]
+    wb = [w * x for x in neg_weight(bank_pos, bank_neg)]
+    wv = [(1 - w) * x for x in neg_weight(view_pos, view_neg)]
+    assert stats["bank_share"] == pytest.approx(sum(b / (b + v) for b, v in zip(wb, wv)) / 5, rel=1e-6)
+
+
+def test_view_plus_bank_gradient_matches_float64_gradcheck():
+    obj = _objective(loss="infonce", negatives="per-sample", positive="view+bank", in_batch=True, bank_dtype=F64)
+    idx = torch.tensor([1, 5, 9])
+    z, zp = _unit(3, 8, 1, F64).requires_grad_(), _unit(3, 8, 2, F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, p: obj(q, idx, z_pos=p, generator=_gen(1))[0], (z, zp))
+
+
+def test_view_plus_bank_closed_form_uniform_logits():
+    # z orthogonal to every bank row and to every other view, z . z_pos = 0: every logit 0, so
+    # loss = (1 - w) log(B') + w log(K + 1) with B' = B - 1 in-batch columns + the positive
+    obj = _objective(n=20, d=6, k=7, loss="infonce", positive="view+bank", in_batch=True, bank_weight=0.25,
+                     bank_dtype=F64)
+    obj.init_bank(torch.tensor([[0.0, 0, 0, 0, 0, 1]], dtype=F64).repeat(20, 1))
+    z = torch.eye(6, dtype=F64)[:3].requires_grad_()  # e0, e1, e2
+    z_pos = torch.eye(6, dtype=F64)[3:5].repeat(2, 1)[:3]  # e3, e4, e3: orthogonal to every z
+    loss, stats = obj(z, torch.tensor([0, 1, 2]), z_pos=z_pos, generator=_gen(0))
+    assert loss.item() == pytest.approx(0.75 * math.log(3) + 0.25 * math.log(8), rel=1e-12)
+    # negative weights: view 1 - 1/3 per sample, bank 1 - 1/8
+    wb, wv = 0.25 * 7 / 8, 0.75 * 2 / 3
+    assert stats["bank_share"] == pytest.approx(wb / (wb + wv), rel=1e-6)  # stats are float32
+
+
+@pytest.mark.parametrize("positive", ["view", "view+bank"])  # view+bank without bank negatives: its view term
+def test_k_zero_is_in_batch_infonce_and_never_reads_the_bank(positive):
+    obj = _objective(k=0, loss="infonce", positive=positive, in_batch=True, bank_dtype=F64)
+    idx = torch.tensor([3, 8, 3, 11])
+    z, z_pos = _unit(4, 8, 7, F64).requires_grad_(), _unit(4, 8, 8, F64)
+    gen = _gen(3)
+    state = gen.get_state()
+    loss, stats = obj(z, idx, z_pos=z_pos, generator=gen)
+    assert torch.equal(gen.get_state(), state)  # no negatives drawn
+    zl, zp = z.double().tolist(), z_pos.double().tolist()
+    pos = [_dot(zl[i], zp[i]) / obj.tau for i in range(4)]
+    extra = [[_dot(zl[i], zp[j]) / obj.tau for j in range(4) if int(idx[j]) != int(idx[i])] for i in range(4)]
+    assert loss.item() == pytest.approx(reference_infonce_py(pos, [[] for _ in range(4)], extra), rel=1e-10)
+    assert math.isnan(stats["neg_sim"]) and stats["bank_share"] == 0.0
+    obj.bank.memory.fill_(float("nan"))  # the bank is never read for the loss
+    loss2, _ = obj(z, idx, z_pos=z_pos, generator=_gen(3))
+    assert loss2.item() == loss.item()
+
+
+def test_single_softmax_bank_share_is_the_bank_columns_mass():
+    obj = _objective(loss="infonce", negatives="shared", positive="view", in_batch=True, bank_dtype=F64)
+    idx = torch.tensor([0, 1, 2])
+    z, z_pos = _unit(3, 8, 9, F64), _unit(3, 8, 10, F64)
+    _, stats = obj(z, idx, z_pos=z_pos, generator=_gen(2))
+    pos, neg = reference_logits_py(obj, z, idx, z_pos, _negatives_for(obj, 3, 2))
+    zl, zp = z.tolist(), z_pos.tolist()
+    extra = [[_dot(zl[i], zp[j]) / obj.tau for j in range(3) if j != i] for i in range(3)]
+    share = [sum(map(math.exp, neg[i])) / (sum(map(math.exp, neg[i])) + sum(map(math.exp, extra[i])))
+             for i in range(3)]
+    assert stats["bank_share"] == pytest.approx(sum(share) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"k": 0, "loss": "infonce", "positive": "bank", "in_batch": True}, "k=0 \\(no bank negatives\\) needs"),
+    ({"k": 0, "loss": "nce"}, "k=0 \\(no bank negatives\\) needs"),
+    ({"positive": "view+bank", "loss": "nce"}, "positive='view\\+bank' needs loss='infonce'"),
+    ({"positive": "view+bank", "loss": "infonce", "in_batch": False}, "needs in_batch=True"),
+    ({"positive": "view+bank", "loss": "infonce", "in_batch": True, "bank_weight": 0.0}, "bank_weight must be in"),
+])
+def test_view_plus_bank_and_k_zero_validation(kw, msg):
+    with pytest.raises(InstdiscError, match=msg):
+        _objective(**kw)

@@ -12,12 +12,43 @@ def test_roundtrip():
 
 def test_overrides_win_and_none_ignored():
     cfg = TrainConfig.from_recipe("fast", lr=0.5, nce_k=None)
-    assert cfg.lr == 0.5 and cfg.nce_k == 4096
+    assert cfg.lr == 0.5 and cfg.nce_k is None  # K is chosen from the dataset size (resolve_for_data)
+
+
+def test_k_adapts_to_small_datasets_when_not_given():
+    cfg = TrainConfig.from_recipe("fast")
+    assert cfg.resolve_for_data(60000) == "bank negatives K = 4096 (the default; set --nce-k to choose)"
+    assert cfg.nce_k == 4096
+    small = TrainConfig.from_recipe("fast")
+    line = small.resolve_for_data(1000)
+    assert small.nce_k == 500 and "half of the 1000 images" in line
+    small.validate_for_data(1000)
+    tiny = TrainConfig.from_recipe("fast", batch_size=2)
+    tiny.resolve_for_data(3)
+    assert tiny.nce_k == 1
+    tiny.validate_for_data(3)
+
+
+def test_explicit_k_is_kept_and_refused_when_it_cannot_work():
+    cfg = TrainConfig.from_recipe("fast", nce_k=2000)
+    assert cfg.resolve_for_data(1000) is None and cfg.nce_k == 2000
+    with pytest.raises(InstdiscError, match=r"--nce-k \(2000\) must be smaller than the number of images \(1000\)"):
+        cfg.validate_for_data(1000)
+
+
+def test_no_bank_control_and_view_plus_bank_settings():
+    assert TrainConfig.from_recipe("fast", nce_k=0).nce_k == 0  # in-batch negatives only: the no-bank control
+    with pytest.raises(InstdiscError, match="--nce-k 0 \\(no bank negatives\\) needs --loss infonce"):
+        TrainConfig.from_recipe("paper", nce_k=0)
+    with pytest.raises(InstdiscError, match="--bank-weight must be in \\(0, 1\\], got 1.5"):
+        TrainConfig.from_recipe("fast", positive="view+bank", bank_weight=1.5)
+    with pytest.raises(InstdiscError, match="--positive view\\+bank needs --loss infonce"):
+        TrainConfig.from_recipe("fast", positive="view+bank", loss="nce", in_batch=False)
 
 
 @pytest.mark.parametrize("over,msg", [
     (dict(nce_t=0), "tau"), (dict(nce_t=-1), "tau"), (dict(nce_m=1.0), "momentum"), (dict(nce_m=-0.1), "momentum"),
-    (dict(nce_k=0), "nce-k"), (dict(epochs=0), "epochs"), (dict(batch_size=1), "batch-size"), (dict(lr=0), "lr"),
+    (dict(nce_k=-1), "nce-k"), (dict(epochs=0), "epochs"), (dict(batch_size=1), "batch-size"), (dict(lr=0), "lr"),
     (dict(loss="ce"), "loss"), (dict(knn_every=1), "knn-data"), (dict(limit=0), "limit"),
 ])
 def test_validation(over, msg):

@@ -109,3 +109,57 @@ def test_k_too_large_and_batch_too_large(fake_mnist, tmp_path):
         train(tiny_cfg(fake_mnist, tmp_path / "a", nce_k=96))
     with pytest.raises(InstdiscError, match="batch-size"):
         train(tiny_cfg(fake_mnist, tmp_path / "b", batch_size=200, nce_k=8))
+
+
+HEALTH_FIELDS = ("pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share", "gap", "staleness", "stale_gap",
+                 "uniformity", "z_std", "alignment")
+
+
+@pytest.mark.parametrize("over", [dict(), dict(positive="view+bank"), dict(nce_k=0)])
+def test_epoch_records_carry_the_health_signals(fake_mnist, tmp_path, over, caplog):
+    cfg = tiny_cfg(fake_mnist, tmp_path / "run", epochs=2, limit=32, **{"nce_k": 16, **over})
+    with caplog.at_level("INFO", logger="instdisc.training"):
+        train(cfg)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert set(HEALTH_FIELDS) <= set(r)
+        for key in ("pos_sim", "own_sim", "staleness", "uniformity", "z_std", "alignment", "gap"):
+            assert np.isfinite(r[key]), key
+        assert -1 <= r["staleness"] <= 1 and r["uniformity"] <= 0 and r["z_std"] >= 0
+    if over.get("nce_k") == 0:  # the no-bank control: no bank negatives, the gap is against in-batch negatives
+        assert all(np.isnan(r["neg_sim"]) and r["bank_share"] == 0.0 for r in epochs)
+        assert epochs[0]["gap"] == pytest.approx(epochs[0]["pos_sim"] - epochs[0]["inbatch_sim"])
+    else:
+        assert all(0 < r["bank_share"] <= 1 for r in epochs)
+        assert epochs[0]["gap"] == pytest.approx(epochs[0]["pos_sim"] - epochs[0]["neg_sim"])
+    line = next(m for m in caplog.messages if m.startswith("epoch 1/2 done"))
+    assert "pos/neg gap" in line and "staleness" in line and "uniformity" in line
+
+
+def test_k_not_given_adapts_to_the_dataset_and_is_logged(fake_mnist, tmp_path, caplog):
+    cfg = tiny_cfg(fake_mnist, tmp_path / "run", limit=32, nce_k=None)
+    with caplog.at_level("INFO", logger="instdisc.training"):
+        res = train(cfg)
+    assert res.model.objective.k == 16
+    assert "bank negatives K = 16 (half of the 32 images (default 4096); set --nce-k to choose)" in caplog.messages
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["nce_k"] == 16
+    train(tiny_cfg(fake_mnist, tmp_path / "run", limit=32, nce_k=None, epochs=2), resume=True)  # resumes alike
+
+
+def test_health_probe_does_not_change_training(fake_mnist, tmp_path, monkeypatch):
+    """Training with the probe equals training with a probe that measures nothing (bitwise on CPU)."""
+    import instdisc.training.loop as loop
+
+    a = train(tiny_cfg(fake_mnist, tmp_path / "a", limit=32, epochs=2, nce_k=16))
+
+    class Silent(loop.HealthProbe):
+        def __call__(self, model, epoch, **kw):
+            return {}
+
+    monkeypatch.setattr(loop, "HealthProbe", Silent)
+    b = train(tiny_cfg(fake_mnist, tmp_path / "b", limit=32, epochs=2, nce_k=16))
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import InstdiscError
-from ..method import InstDiscModel, _BANK_DTYPES
+from ..method import InstDiscModel, _BANK_DTYPES, resolved_k
 from ..models import ProjectionHead, build_encoder
 from . import comm
 from .data import ShardedBatches, local_batch_size
@@ -196,10 +196,10 @@ class DistributedRun:
             gen = torch.Generator().manual_seed(_mix(cfg.seed, 0))
             encoder = build_encoder(cfg.arch, in_channels=in_channels, image_size=image_size)
             head = ProjectionHead(encoder.feature_dim, cfg.low_dim, kind=cfg.head)
-            objective = ShardedObjective(n_data, cfg.low_dim, partition=self.partition, k=cfg.nce_k, tau=cfg.nce_t,
+            objective = ShardedObjective(n_data, cfg.low_dim, partition=self.partition, k=resolved_k(cfg, n_data), tau=cfg.nce_t,
                                          m=cfg.nce_m, loss=cfg.loss, negatives=cfg.negatives,
                                          positive=cfg.positive, in_batch=cfg.in_batch, z_mode=cfg.z_mode,
-                                         bank_dtype=_BANK_DTYPES[cfg.bank_dtype], generator=gen)
+                                         bank_weight=cfg.bank_weight, bank_dtype=_BANK_DTYPES[cfg.bank_dtype], generator=gen)
         model = InstDiscModel(encoder, head, objective)
         rows = self.partition.size
         log.info("sharded memory bank: %d of %d rows on each rank (%.1f MB, the full bank would be %.1f MB)",
@@ -235,6 +235,17 @@ class DistributedRun:
 
     def _owned_dataset(self, ds):
         return _subset(ds, self.partition.owned().numpy())
+
+    def health(self, probe, model: InstDiscModel, epoch: int) -> dict:
+        """The training-health signals (instdisc.training.health) over the probe slots this rank owns, averaged
+        over ranks weighted by their number of probe slots. A collective."""
+        owned = self.partition.owned(device=probe.slots.device)  # (n_r,) global slots of this rank
+        mine = probe.slots[torch.isin(probe.slots, owned)]  # this rank's probe slots
+        local = probe(model, epoch, rows=self.partition.to_local(mine), slots=mine) if mine.numel() else {}
+        keys = ("staleness", "stale_gap", "uniformity", "z_std", "alignment")
+        count = float(mine.numel())
+        totals = self._reduce([count] + [local.get(k, 0.0) * count for k in keys])
+        return {k: (t / totals[0] if totals[0] else float("nan")) for k, t in zip(keys, totals[1:])}
 
     def knn_monitor(self, cfg, ds):
         from .knn import DistributedKnnMonitor

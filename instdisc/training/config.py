@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..bank import DEFAULT_K, auto_k
 from ..errors import InstdiscError
 
 __all__ = ["TrainConfig", "RECIPES"]
 
 # Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
 RECIPES: dict[str, dict] = {
-    "fast": dict(loss="infonce", positive="view", negatives="shared", in_batch=True, bank_init="encoder",
+    "fast": dict(loss="infonce", positive="view+bank", negatives="shared", in_batch=True, bank_init="encoder",
                  head="mlp", lr=0.2, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2),
     "paper": dict(loss="nce", positive="bank", negatives="per-sample", in_batch=False, bank_init="random",
                   head="linear", lr=0.03, weight_decay=5e-4, schedule="step", warmup_epochs=0.0, z_mode="first-batch",
@@ -38,12 +39,13 @@ class TrainConfig:
     schedule: str = "cosine"           # cosine | step | constant
     lr_steps: tuple[float, ...] = (0.6, 0.8)  # fractions of the run where "step" multiplies lr by 0.1
     warmup_epochs: float = 0.2
-    nce_k: int = 4096
+    nce_k: int | None = None           # bank negatives K; None: DEFAULT_K, fewer on small datasets (resolve_for_data)
     nce_t: float = 0.07
     nce_m: float = 0.5
     loss: str = "infonce"              # nce | infonce | softmax
     negatives: str = "shared"          # shared | per-sample
-    positive: str = "view"             # bank | view
+    positive: str = "view+bank"        # bank | view | view+bank | neighbour | view+neighbour
+    bank_weight: float = 0.5           # positive view+bank: weight w of the bank term, (1 - w) of the view term
     in_batch: bool = True
     views: int = 2                     # 1: one augmented view per image (paper), 2: two views
     z_mode: str = "running"            # first-batch | running  (NCE normaliser Z)
@@ -95,7 +97,7 @@ class TrainConfig:
             raise InstdiscError(msg)
 
         choices = {"loss": ("nce", "infonce", "softmax"), "negatives": ("shared", "per-sample"),
-                   "positive": ("bank", "view"), "z_mode": ("first-batch", "running"),
+                   "positive": ("bank", "view", "view+bank", "neighbour", "view+neighbour"), "z_mode": ("first-batch", "running"),
                    "bank_dtype": ("float32", "float16", "bfloat16"), "bank_init": ("random", "encoder"),
                    "augment": ("auto", "batch", "pil"), "device": ("auto", "cpu", "cuda"),
                    "schedule": ("cosine", "step", "constant"), "head": ("linear", "mlp")}
@@ -106,8 +108,14 @@ class TrainConfig:
             bad(f"--nce-t (temperature tau) must be > 0, got {self.nce_t}")
         if not 0 <= self.nce_m < 1:
             bad(f"--nce-m (bank momentum m) must be in [0, 1), got {self.nce_m}")
-        if self.nce_k < 1 and self.loss != "softmax":
-            bad(f"--nce-k must be >= 1, got {self.nce_k}")
+        if self.nce_k is not None and self.nce_k < 0:
+            bad(f"--nce-k must be >= 0, got {self.nce_k}")
+        if self.nce_k == 0 and self.loss != "softmax" and not (
+                self.loss == "infonce" and self.positive in ("view", "view+bank", "neighbour", "view+neighbour") and self.in_batch):
+            bad("--nce-k 0 (no bank negatives) needs --loss infonce --positive view --in-batch: the in-batch "
+                "negatives are then the only ones")
+        if self.positive == "view+bank" and (self.loss != "infonce" or not self.in_batch):
+            bad("--positive view+bank needs --loss infonce and --in-batch")
         if self.epochs < 1:
             bad(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
@@ -118,8 +126,10 @@ class TrainConfig:
             bad(f"--low-dim must be >= 1, got {self.low_dim}")
         if self.views not in (1, 2):
             bad(f"views must be 1 or 2, got {self.views}")
-        if self.positive == "view" and self.views != 2:
-            bad("--positive view needs two views per image")
+        if self.positive != "bank" and self.views != 2:
+            bad(f"--positive {self.positive} needs two views per image")
+        if not 0 < self.bank_weight <= 1:
+            bad(f"--bank-weight must be in (0, 1], got {self.bank_weight}")
         if self.in_batch and self.views != 2:
             bad("in-batch negatives need two views per image")
         if not 0 < self.crop_min <= 1:
@@ -131,8 +141,17 @@ class TrainConfig:
         if self.knn_every and not self.knn_data:
             bad("--knn-every needs --knn-data (a labelled held-out dataset)")
 
+    def resolve_for_data(self, n_data: int) -> str | None:
+        """Fill in what depends on the dataset size (K when --nce-k was not given); returns a line saying what was
+        chosen, or None."""
+        if self.nce_k is None:
+            self.nce_k = auto_k(n_data)
+            why = "the default" if self.nce_k == DEFAULT_K else f"half of the {n_data} images (default {DEFAULT_K})"
+            return f"bank negatives K = {self.nce_k} ({why}; set --nce-k to choose)"
+        return None
+
     def validate_for_data(self, n_data: int) -> None:
-        """Checks that need the dataset size."""
+        """Checks that need the dataset size (after :meth:`resolve_for_data`)."""
         if self.batch_size > n_data:
             raise InstdiscError(f"--batch-size ({self.batch_size}) is larger than the dataset ({n_data} images)")
         if self.loss != "softmax" and self.nce_k >= n_data:

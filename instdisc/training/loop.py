@@ -35,6 +35,7 @@ from ..version import __version__
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .precision import as_channels_last, autocast, resolve_amp, use_channels_last
+from .health import HealthProbe, health_warnings
 from .progress import MetricsWriter, Progress, format_eta
 from .schedule import lr_at
 
@@ -45,6 +46,19 @@ log = logging.getLogger("instdisc.training")
 # Settings that may differ between a run and its resume (they do not change what is computed on CPU).
 _RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "knn_every", "knn_data",
                       "data_root"}
+
+
+# Step statistics of the objective whose epoch means go into the epoch record (see Objective.forward).
+_EPOCH_MEANS = ("pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share")
+
+
+def _means(step_stats: dict[str, list[float]]) -> dict[str, float]:
+    """Epoch means of the step statistics (nan entries ignored; nan when a statistic had no finite value)."""
+    out = {}
+    for key, values in step_stats.items():
+        finite = [v for v in values if math.isfinite(v)]
+        out[key] = float(np.mean(finite)) if finite else float("nan")
+    return out
 
 
 class TrainingDiverged(InstdiscError):
@@ -325,6 +339,9 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
             image_size=cfg.image_size, cache_dir=cache_dir)
     n = len(ds)
+    chosen = cfg.resolve_for_data(n)
+    if chosen and (dist is None or dist.is_main):
+        log.info("%s", chosen)
     cfg.validate_for_data(n)
     use_batch_aug = cfg.augment == "batch" or (cfg.augment == "auto" and getattr(ds, "array", None) is not None)
     if use_batch_aug and getattr(ds, "array", None) is None:
@@ -423,10 +440,14 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s, %s",
              cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil",
              "bf16 autocast" if amp else "float32")
+    health = HealthProbe(ds, cfg.seed, crop_min=cfg.crop_min, device=device)
+    history = _epoch_history(metrics.path)  # earlier epochs' records (a resumed run's warnings see them)
     model.train()
     with stop.installed():
         while epoch < cfg.epochs:
             t_epoch, losses, epoch_losses = time.perf_counter(), epoch_losses, []
+            step_stats: dict[str, list[float]] = {}  # this process's steps of the epoch (not saved: a resumed
+            # epoch's means cover the steps since the resume)
             on_data_error = (functools.partial(checkpoint, epoch, losses=losses)  # (steps_done) -> save
                              if dist is None else dist.data_error)
             for s_idx, (idx, views) in enumerate(_guarded(batches.epoch(epoch, start), start, on_data_error,
@@ -455,6 +476,9 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
                 global_step += 1
                 last_loss = loss_value
                 losses.append(last_loss)
+                for key in _EPOCH_MEANS:
+                    if key in stats:
+                        step_stats.setdefault(key, []).append(stats[key])
                 if global_step % cfg.log_every == 0 or s_idx + 1 == spe:
                     sps, ips, eta = progress.rates(global_step)
                     log.info("epoch %d/%d step %d/%d loss %.4f lr %.4f %.2f steps/s %.0f img/s ETA %s",
@@ -474,14 +498,38 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             epoch, start = epoch + 1, 0
             record = {"type": "epoch", "epoch": epoch, "global_step": global_step,
                       "loss": float(np.mean(losses)) if losses else float("nan"),
-                      "seconds": time.perf_counter() - t_epoch}
+                      "seconds": time.perf_counter() - t_epoch, **_means(step_stats)}
+            record.update(health(model, epoch) if dist is None else dist.health(health, model, epoch))
+            record["gap"] = record.get("pos_sim", float("nan")) - (
+                record["neg_sim"] if math.isfinite(record.get("neg_sim", float("nan")))
+                else record.get("inbatch_sim", float("nan")))
             if knn_monitor is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
                 record.update(knn_monitor(model))
                 log.info("epoch %d kNN (bank, k=%d) top1 %.2f%%", epoch, cfg.knn_k, 100 * record["knn_top1"])
             metrics.write(record)  # before the checkpoint, which records the metrics file's length
             checkpoint(epoch, 0, [])
-            log.info("epoch %d/%d done in %.1fs, mean loss %.4f", epoch, cfg.epochs, record["seconds"], record["loss"])
+            log.info("epoch %d/%d done in %.1fs, mean loss %.4f, pos/neg gap %.3f, staleness %.3f, uniformity %.2f, "
+                     "z_std %.4f", epoch, cfg.epochs, record["seconds"], record["loss"], record["gap"],
+                     *(record.get(k, float("nan")) for k in ("staleness", "uniformity", "z_std")))
+            history.append(record)
+            for text in health_warnings(history, cfg.low_dim):
+                log.warning("epoch %d: %s", epoch, text)
     return TrainResult(out, epoch, global_step, interrupted, last_loss, model, stop_signal)
+
+
+def _epoch_history(path: Path) -> list[dict]:
+    """The epoch records already in ``metrics.jsonl`` (a resumed run's), oldest first."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "epoch":
+            out.append(rec)
+    return out
 
 
 def _truncate(path: Path, nbytes: int | None) -> None:
@@ -504,7 +552,7 @@ def _step_loss(model: InstDiscModel, views: list[torch.Tensor], idx: torch.Tenso
         loss, stats = model.objective(z, idx, generator=g_neg)
         return loss, stats, z.detach()
     z1, z2 = z[:B], z[B:]  # (B, low_dim) each
-    if cfg.positive == "view":
+    if cfg.positive != "bank":  # "view", "view+bank": the other view is the positive of the view term
         l1, stats = model.objective(z1, idx, z_pos=z2, generator=g_neg)
         l2, _ = model.objective(z2, idx, z_pos=z1, generator=g_neg)
         loss = 0.5 * (l1 + l2)

@@ -90,7 +90,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--epochs", type=int, nargs="+", default=None,
                     help="epochs, one per --n value (default: 10 for N <= 10k, 3 above)")
-    ap.add_argument("--variants", default="bank,no-bank", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="bank,no-bank",
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}, or ad hoc KEY=VALUE[&KEY=VALUE]")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     ap.add_argument("--recipe", default="fast", help="the recipe the variants change (default fast)")
     ap.add_argument("--seed", type=int, default=0)
@@ -103,8 +104,10 @@ def main() -> int:
     args = ap.parse_args()
     variants = args.variants.split(",")
     for v in variants:
-        if v not in VARIANTS:
-            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS and "=" not in v:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}, or give KEY=VALUE[&KEY=VALUE]")
+        if v not in VARIANTS:  # an ad-hoc variant: its overrides are its name
+            VARIANTS[v] = parse_set(v.split("&"))
     epochs = args.epochs or [10 if n <= 10000 else 3 for n in args.n]
     if len(epochs) != len(args.n):
         ap.error("--epochs needs one value per --n value")

@@ -381,11 +381,12 @@ class Objective(nn.Module):
         """(B, D): for each query q_i (B x D) the bank row most similar to it among the slots other than idx_i
         (ties: the lowest slot), scored NEAREST_BLOCK_ROWS rows at a time."""
         memory = self.bank.memory
-        q = q.to(device=memory.device, dtype=torch.float32)
-        best = torch.full((q.shape[0],), float("-inf"), device=memory.device)  # B
+        work = torch.float64 if memory.dtype == torch.float64 else torch.float32
+        q = q.to(device=memory.device, dtype=work)
+        best = torch.full((q.shape[0],), float("-inf"), dtype=work, device=memory.device)  # B
         arg = torch.zeros(q.shape[0], dtype=torch.int64, device=memory.device)  # B
         for s in range(0, memory.shape[0], NEAREST_BLOCK_ROWS):
-            block = memory[s:s + NEAREST_BLOCK_ROWS].float()  # R x D
+            block = memory[s:s + NEAREST_BLOCK_ROWS].to(work)  # R x D
             sims = q @ block.T  # B x R
             own = idx - s  # B, the own slot's column in this block
             inside = (own >= 0) & (own < block.shape[0])
@@ -394,7 +395,7 @@ class Objective(nn.Module):
             better = val > best
             best = torch.where(better, val, best)
             arg = torch.where(better, col + s, arg)
-        return memory.index_select(0, arg).float()
+        return memory.index_select(0, arg).to(work)
 
     # Hooks that instdisc.distributed.ShardedObjective overrides for one rank's shard of the bank.
     def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:

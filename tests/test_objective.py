@@ -521,3 +521,62 @@ def test_single_softmax_bank_share_is_the_bank_columns_mass():
 def test_view_plus_bank_and_k_zero_validation(kw, msg):
     with pytest.raises(InstdiscError, match=msg):
         _objective(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------- neighbour
+def _nearest_other_py(obj, z, idx):
+    """Float64 loop: for each query the stored row with the largest dot product, its own slot excluded, ties to
+    the lowest slot."""
+    mem, out = obj.bank.memory.double().tolist(), []
+    for i, q in enumerate(z.double().tolist()):
+        best, arg = -math.inf, None
+        for j, row in enumerate(mem):
+            if j != int(idx[i]) and _dot(q, row) > best:
+                best, arg = _dot(q, row), j
+        out.append(mem[arg])
+    return out
+
+
+@pytest.mark.parametrize("block", [4096, 7, 1])
+def test_nearest_rows_match_a_loop_and_exclude_the_own_slot(block, monkeypatch):
+    import instdisc.objective as objective_module
+
+    monkeypatch.setattr(objective_module, "NEAREST_BLOCK_ROWS", block)
+    obj = _objective(n=30, loss="infonce", positive="neighbour", in_batch=True, k=0, bank_dtype=F64)
+    idx = torch.tensor([3, 17, 29, 0])
+    z = obj.bank.memory[idx].clone()  # each query IS its own row: the own slot would win if it were allowed
+    got = obj._nearest_rows(z, idx)
+    torch.testing.assert_close(got.double(), torch.tensor(_nearest_other_py(obj, z, idx), dtype=F64))
+    assert not any(torch.equal(got[i].double(), obj.bank.memory[int(idx[i])]) for i in range(4))
+
+
+def test_nearest_rows_ties_go_to_the_lowest_slot():
+    obj = _objective(n=6, d=2, loss="infonce", positive="neighbour", in_batch=True, k=0, bank_dtype=F64)
+    rows = torch.tensor([[0.0, 1], [1, 0], [1, 0], [0, 1], [1, 0], [0, -1]], dtype=F64)
+    obj.init_bank(rows)
+    got = obj._nearest_rows(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64), torch.tensor([1, 5]))
+    # query 0 (own slot 1): slots 2 and 4 tie -> 2; query 1 (own slot 5): slots 1, 2, 4 tie -> 1
+    torch.testing.assert_close(got.double(), rows[[2, 1]])
+
+
+@pytest.mark.parametrize("positive,w", [("neighbour", 0.5), ("view+neighbour", 0.5), ("view+neighbour", 0.25)])
+def test_neighbour_losses_match_python_loop_reference(positive, w):
+    obj = _objective(loss="infonce", positive=positive, in_batch=True, k=0, bank_weight=w, bank_dtype=F64)
+    idx = torch.tensor([4, 9, 4, 20])
+    z, z_pos = _unit(4, 8, 3, F64).requires_grad_(), _unit(4, 8, 4, F64).requires_grad_()
+    loss, stats = obj(z, idx, z_pos=z_pos)
+    t, zl, zp = obj.tau, z.double().tolist(), z_pos.double().tolist()
+    anchor = _nearest_other_py(obj, z.detach(), idx)
+    nn_pos = [_dot(anchor[i], zp[i]) / t for i in range(4)]
+    nn_neg = [[_dot(anchor[i], zp[j]) / t for j in range(4) if int(idx[j]) != int(idx[i])] for i in range(4)]
+    want = reference_infonce_py(nn_pos, nn_neg)
+    if positive == "view+neighbour":
+        view_pos = [_dot(zl[i], zp[i]) / t for i in range(4)]
+        view_neg = [[_dot(zl[i], zp[j]) / t for j in range(4) if int(idx[j]) != int(idx[i])] for i in range(4)]
+        want = (1 - w) * reference_infonce_py(view_pos, view_neg) + w * want
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    assert stats["pos_sim"] == pytest.approx(sum(nn_pos) / 4 * t, rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(z_pos.grad) > 0
+    if positive == "neighbour":  # the anchor has no gradient, and z only picks it: no gradient reaches z
+        assert z.grad is None

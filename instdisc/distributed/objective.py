@@ -172,13 +172,14 @@ class ShardedObjective(Objective):
         scores the GLOBAL batch's queries against its shard, then the best (similarity, slot) wins across ranks and
         its owner supplies the row (the others add +0: exact). A collective."""
         p, b, memory = self.partition, q.shape[0], self.bank.memory
-        q_all = comm.all_gather_tensor(q.to(device=memory.device, dtype=torch.float32))  # W*B x D
+        work = torch.float64 if memory.dtype == torch.float64 else torch.float32
+        q_all = comm.all_gather_tensor(q.to(device=memory.device, dtype=work))  # W*B x D
         idx_all = comm.all_gather_tensor(idx.to(memory.device))  # (W*B,) global slots
         slots = p.owned(device=memory.device)  # (n_r,) global slots in local-row order (increasing)
-        best = torch.full((q_all.shape[0],), float("-inf"), device=memory.device)  # W*B
+        best = torch.full((q_all.shape[0],), float("-inf"), dtype=work, device=memory.device)  # W*B
         arg = torch.full((q_all.shape[0],), p.n, dtype=torch.int64, device=memory.device)  # W*B, global slot
         for s in range(0, memory.shape[0], NEAREST_BLOCK_ROWS):
-            block = memory[s:s + NEAREST_BLOCK_ROWS].float()  # R x D
+            block = memory[s:s + NEAREST_BLOCK_ROWS].to(work)  # R x D
             sims = q_all @ block.T  # W*B x R
             sims.masked_fill_(slots[s:s + block.shape[0]][None, :] == idx_all[:, None], float("-inf"))
             val, col = sims.max(dim=1)  # first maximum: the lowest slot of this block among ties
@@ -189,9 +190,9 @@ class ShardedObjective(Objective):
         dist.all_reduce(top, op=dist.ReduceOp.MAX)  # W*B, the best similarity over every shard
         win = torch.where(best == top, arg, torch.full_like(arg, p.n))
         dist.all_reduce(win, op=dist.ReduceOp.MIN)  # W*B, the lowest slot holding it
-        rows = torch.zeros(q_all.shape[0], memory.shape[1], dtype=torch.float32, device=memory.device)  # W*B x D
+        rows = torch.zeros(q_all.shape[0], memory.shape[1], dtype=work, device=memory.device)  # W*B x D
         mine = p.owner(win) == p.rank
-        rows[mine] = memory.index_select(0, p.to_local(win[mine])).float()
+        rows[mine] = memory.index_select(0, p.to_local(win[mine])).to(work)
         comm.all_reduce_(rows)
         return rows[p.rank * b:(p.rank + 1) * b]
 

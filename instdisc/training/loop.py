@@ -382,7 +382,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     metrics = MetricsWriter(out / "metrics.jsonl" if dist is None or dist.is_main else os.devnull)
 
     amp = resolve_amp(cfg.amp, device)  # bf16 autocast of encoder + head (CUDA; CPUs with native bf16)
-    epoch, start, global_step, epoch_losses = 0, 0, 0, []
+    epoch, start, global_step, epoch_losses, epoch_stats = 0, 0, 0, [], {}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -397,6 +397,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
 
             epoch, start, global_step = resume_position(ckpt, spe, 1 if dist is None else dist.world)
         epoch_losses = [float(x) for x in ckpt.get("epoch_losses", [])]
+        epoch_stats = {k: [float(x) for x in v] for k, v in ckpt.get("epoch_stats", {}).items()}
         _truncate(metrics.path, ckpt.get("metrics_bytes"))  # drop records of steps that are replayed
         log.info("resumed %s at epoch %d step %d (global step %d)", ckpt_path, epoch + 1, start, global_step)
     else:
@@ -420,13 +421,14 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
 
     stop = stop_flag or _StopFlag()
 
-    def checkpoint(ep: int, step_in_epoch: int, losses: list[float]) -> None:
+    def checkpoint(ep: int, step_in_epoch: int, losses: list[float], stats: dict | None = None) -> None:
         state = model.state_dict() if dist is None else dist.full_state_dict(model)  # [distributed] bank -> rank 0
         if state is not None:
             save_checkpoint(ckpt_path, {
                 "config": cfg.to_dict(), "model": state, "optimizer": optimizer.state_dict(),
                 "scheduler": {"name": cfg.schedule, "step": global_step}, "epoch": ep, "step_in_epoch": step_in_epoch,
                 "step": global_step, "rng": get_rng_state(), "data": data_info, "epoch_losses": list(losses),
+                "epoch_stats": {k: list(v) for k, v in (stats or {}).items()},
                 "metrics_bytes": metrics.path.stat().st_size if metrics.path.exists() else 0,
                 **({} if dist is None else {"distributed": dist.checkpoint_info(cfg)})})
         if dist is not None:
@@ -446,9 +448,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     with stop.installed():
         while epoch < cfg.epochs:
             t_epoch, losses, epoch_losses = time.perf_counter(), epoch_losses, []
-            step_stats: dict[str, list[float]] = {}  # this process's steps of the epoch (not saved: a resumed
-            # epoch's means cover the steps since the resume)
-            on_data_error = (functools.partial(checkpoint, epoch, losses=losses)  # (steps_done) -> save
+            step_stats, epoch_stats = epoch_stats, {}  # the epoch's step statistics (kept in mid-epoch checkpoints)
+            on_data_error = (functools.partial(checkpoint, epoch, losses=losses, stats=step_stats)  # (steps) -> save
                              if dist is None else dist.data_error)
             for s_idx, (idx, views) in enumerate(_guarded(batches.epoch(epoch, start), start, on_data_error,
                                                           lambda: stop.signum is not None), start=start):
@@ -486,12 +487,12 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
                     metrics.write({"type": "step", "epoch": epoch + 1, "step": s_idx + 1, "global_step": global_step,
                                    "lr": lr, "steps_per_s": sps, "images_per_s": ips, "eta_s": eta, **stats})
                 if cfg.save_every and global_step % cfg.save_every == 0 and s_idx + 1 < spe:
-                    checkpoint(epoch, s_idx + 1, losses)
+                    checkpoint(epoch, s_idx + 1, losses, step_stats)
             else:
                 s_idx = spe - 1
             if interrupted:
                 stop_signal = stop.signum
-                checkpoint(epoch, s_idx, losses)
+                checkpoint(epoch, s_idx, losses, step_stats)
                 log.warning("stopped by signal %d: checkpoint saved at epoch %d step %d; continue with --resume",
                             stop_signal, epoch + 1, s_idx)
                 break

@@ -18,7 +18,7 @@ $(BIN)/python:
 
 # Idempotent: re-running only checks that the pinned packages are present.
 setup: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,plot]'
 
 demo: setup
 	@test -d /usr/share/datasets/fashion-mnist || $(MAKE) --no-print-directory fashion-mnist

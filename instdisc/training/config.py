@@ -60,6 +60,7 @@ class TrainConfig:
     knn_every: int = 0
     knn_data: str | None = None
     knn_k: int = 200
+    tensorboard: str | None = None     # folder for TensorBoard event files (the metrics.jsonl scalars), needs [plot]
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -130,6 +131,10 @@ class TrainConfig:
             bad(f"--limit must be >= 1, got {self.limit}")
         if self.knn_every and not self.knn_data:
             bad("--knn-every needs --knn-data (a labelled held-out dataset)")
+        if self.tensorboard is not None:
+            from .tensorboard import require_tensorboard
+
+            require_tensorboard()  # fail before any work when the package is missing
 
     def validate_for_data(self, n_data: int) -> None:
         """Checks that need the dataset size."""

@@ -27,7 +27,7 @@ def plot_cmd(runs, out, x_axis, title):
 
 
 @cli.command("plot-embedding")
-@click.argument("source", type=click.Path())
+@click.argument("source", metavar="MODEL_OR_FEATURES", type=click.Path())
 @click.argument("data", required=False)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
@@ -43,9 +43,9 @@ def plot_cmd(runs, out, x_axis, title):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 def plot_embedding_cmd(source, data, out, method, limit, thumbnails, layer, data_root, seed, device, batch_size):
-    """Draw a 2-D map of features coloured by label (unlabeled points grey). SOURCE is a run folder or an exported
-    encoder, whose features of DATA (a dataset spec) are mapped, or an HDF5 features file of export-features (DATA is
-    then needed only for --thumbnails). See docs/visualisation.md."""
+    """Draw a 2-D map of features coloured by label (unlabeled points grey). MODEL_OR_FEATURES is a run folder or an
+    exported encoder, whose features of DATA (a dataset spec) are mapped, or an HDF5 features file of export-features
+    (DATA is then needed only for --thumbnails). See docs/visualisation.md."""
     from instdisc.plots import embedding_map
 
     res = embedding_map(source, data, out, method=method, limit=limit, thumbnails=thumbnails, layer=layer,

@@ -84,6 +84,16 @@ def test_draw_one_and_several_runs(tmp_path):
     assert png_stats(tmp_path / "one.png")[0] == curves_size(4)
 
 
+def test_loss_axis_is_logarithmic_when_runs_differ_by_decades(tmp_path):
+    a = run_series(fake_records(), "infonce")
+    recs = fake_records()
+    for r in recs:
+        r["loss"] *= 300  # an NCE loss summed over K noise samples
+    b = run_series(recs, "nce")
+    assert draw_curves([a, b], tmp_path / "c.png")["log_y"] == ["loss"]
+    assert draw_curves([a], tmp_path / "c.png")["log_y"] == []
+
+
 def test_plot_runs_on_a_real_run(run, tmp_path):
     out, _ = run
     res = plot_runs([out], tmp_path / "curves.png")

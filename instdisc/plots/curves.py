@@ -32,17 +32,18 @@ class Panel:
     ylabel: str                # the quantity and its unit
     fields: tuple[str, ...]    # record fields drawn in this panel, in legend order
     scale: float = 1.0         # values are multiplied by this (fractions -> %)
+    log_if_wide: bool = False  # logarithmic y axis when the positive values span more than two decades
 
 
 # Known fields -> panel, in the order the panels are drawn. Step records and epoch records may both hold a field
 # (loss: per logged step and the epoch mean); both are drawn in its panel.
 PANELS: tuple[Panel, ...] = (
-    Panel("loss", "Training loss", "loss (nats)", ("loss",)),
+    Panel("loss", "Training loss", "loss (nats)", ("loss",), log_if_wide=True),
     Panel("lr", "Learning rate", "learning rate (SGD step size)", ("lr",)),
     Panel("similarity", "Positive vs negative similarity", "cosine similarity", ("pos_sim", "neg_sim", "gap")),
     Panel("knn", "Bank kNN accuracy (held-out data)", "accuracy (%)", ("knn_top1", "knn_top5", "bank_knn_top1"),
           scale=100.0),
-    Panel("geometry", "Alignment and uniformity (lower is better)", "value (log scale units)",
+    Panel("geometry", "Alignment and uniformity (lower is better)", "value (as logged)",
           ("alignment", "uniformity")),
     Panel("spread", "Embedding spread", "std of z per dimension", ("z_std",)),
     Panel("staleness", "Memory-bank staleness", "bank_staleness (as logged)", ("bank_staleness",)),
@@ -54,7 +55,7 @@ NOT_PLOTTED = frozenset({"type", "epoch", "step", "global_step", "eta_s", "steps
 KINDS = ("step", "epoch")
 
 WIDTH_PX, ROW_PX, HEADER_PX, COLUMNS = 1500, 360, 100, 3
-_STYLES = ("-", "--", ":", "-.")
+_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line style, epoch marker) of a panel's fields
 
 
 @dataclass
@@ -146,6 +147,12 @@ def run_names(paths: list) -> list[str]:
     return [f"{name} #{i + 1}" for i, name in enumerate("/".join(q[-1:]) for q in parts)]
 
 
+def _wide(ys: list[np.ndarray]) -> bool:
+    """True when all finite values are > 0 and the largest is more than 100 times the smallest."""
+    v = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.zeros(0)
+    return bool(len(v)) and v.min() > 0 and v.max() > 100 * v.min()
+
+
 def _colour(i: int):
     import matplotlib
 
@@ -153,10 +160,12 @@ def _colour(i: int):
 
 
 def draw_curves(runs: list[RunSeries], out, *, x: str = "step", title: str | None = None) -> dict:
-    """Draw ``runs`` into the PNG ``out`` (size :func:`curves_size`); returns {"path", "size", "panels"}.
+    """Draw ``runs`` into the PNG ``out`` (size :func:`curves_size`); returns {"path", "size", "panels", "log_y"
+    (the panels drawn with a logarithmic y axis: the loss when its values span more than two decades, as when
+    recipes with different losses are compared)}.
 
     One panel per entry of :func:`panels_for`, three per row. Colour = run (legend below the panels); line style =
-    field (legend in the panel); lines = logged steps, dots = epoch records. With x="step" and one steps-per-epoch
+    field (legend in the panel); lines = logged steps, markers = epoch records. With x="step" and one steps-per-epoch
     shared by all runs, each panel has an epoch axis on top.
     """
     from matplotlib.lines import Line2D
@@ -166,26 +175,30 @@ def draw_curves(runs: list[RunSeries], out, *, x: str = "step", title: str | Non
     fig = new_figure(width, height)
     rows = math.ceil(len(panels) / COLUMNS)
     axes = fig.subplots(rows, COLUMNS, squeeze=False).ravel()
+    log_y = []
     spes = {r.steps_per_epoch for r in runs}
     spe = spes.pop() if len(spes) == 1 and x == "step" else None  # one steps-per-epoch: an epoch axis on top
     for ax, (panel, fields) in zip(axes, panels):
         handles = []
         for j, f in enumerate(fields):
-            style = _STYLES[j % len(_STYLES)]
+            style, marker = _STYLES[j % len(_STYLES)]
             for i, run in enumerate(runs):
                 s = run.series.get(("step", f))
                 if s is not None:
                     ax.plot(s.x, s.y * panel.scale, ls=style, lw=1.3, color=_colour(i), alpha=0.9)
                 e = run.series.get(("epoch", f))
                 if e is not None:
-                    ax.plot(e.x, e.y * panel.scale, ls=style if s is None else "none", lw=1.3, marker="o", ms=4.5,
+                    ax.plot(e.x, e.y * panel.scale, ls=style if s is None else "none", lw=1.3, marker=marker, ms=4.5,
                             color=_colour(i), markeredgecolor="white", markeredgewidth=0.6)
             if any(("step", f) in r.series for r in runs):
                 handles.append(Line2D([], [], color="0.25", ls=style, label=f))
             if any(("epoch", f) in r.series for r in runs):
                 only_epoch = not any(("step", f) in r.series for r in runs)
-                handles.append(Line2D([], [], color="0.25", ls=style if only_epoch else "none", marker="o", ms=4.5,
+                handles.append(Line2D([], [], color="0.25", ls=style if only_epoch else "none", marker=marker, ms=4.5,
                                       label=f if only_epoch else f"{f} (epoch)"))
+        if panel.log_if_wide and _wide([s.y for r in runs for (_, f), s in r.series.items() if f in fields]):
+            ax.set_yscale("log")
+            log_y.append(panel.key)
         ax.set_title(panel.title, fontsize=11)
         ax.set_ylabel(panel.ylabel)
         ax.set_xlabel("global step (batches)" if x == "step" else "epoch")
@@ -201,7 +214,7 @@ def draw_curves(runs: list[RunSeries], out, *, x: str = "step", title: str | Non
     fig.suptitle(title or ("Training curves" if len(runs) == 1 else f"Training curves of {len(runs)} runs"),
                  fontsize=14)
     path = save_png(fig, out)
-    return {"path": str(path), "size": (width, height), "panels": [p.key for p, _ in panels]}
+    return {"path": str(path), "size": (width, height), "panels": [p.key for p, _ in panels], "log_y": log_y}
 
 
 def plot_runs(runs: list[str | os.PathLike], out, *, x: str = "step", title: str | None = None,

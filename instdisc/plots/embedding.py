@@ -99,14 +99,13 @@ def spread_points(xy: np.ndarray, n: int) -> np.ndarray:
 
 
 def _class_colours(k: int) -> list:
+    """``k`` class colours, none of them grey (grey is for unlabeled points)."""
     import matplotlib
 
-    if k <= 10:
-        cmap = matplotlib.colormaps["tab10"]
-        return [cmap(i) for i in range(k)]
     if k <= 20:
-        cmap = matplotlib.colormaps["tab20"]
-        return [cmap(i) for i in range(k)]
+        cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+        greys = {7: (0.1, 0.1, 0.1, 1.0)} if k <= 10 else {14: (0.1, 0.1, 0.1, 1.0), 15: (0.45, 0.3, 0.0, 1.0)}
+        return [greys.get(i, cmap(i)) for i in range(k)]
     cmap = matplotlib.colormaps["turbo"]
     return [cmap(i / max(1, k - 1)) for i in range(k)]
 

@@ -18,7 +18,7 @@ $(BIN)/python:
 
 # Idempotent: re-running only checks that the pinned packages are present.
 setup: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,plot]'
 
 demo: setup
 	@test -d /usr/share/datasets/fashion-mnist || $(MAKE) --no-print-directory fashion-mnist
@@ -28,6 +28,9 @@ demo: setup
 	$(BIN)/instdisc export-encoder $(DEMO_DIR) --out $(DEMO_DIR)/encoder --overwrite
 	$(BIN)/instdisc export-features $(DEMO_DIR)/encoder fashion-mnist:test --out $(DEMO_DIR)/features-test.h5 --overwrite
 	$(BIN)/instdisc linear-probe $(DEMO_DIR)/encoder --train fashion-mnist:train --test fashion-mnist:test
+	$(BIN)/instdisc plot $(DEMO_DIR) --out $(DEMO_DIR)/curves.png
+	$(BIN)/instdisc plot-embedding $(DEMO_DIR)/features-test.h5 fashion-mnist:test --thumbnails 12 --out $(DEMO_DIR)/map.png
+	@echo "pictures: training curves $(DEMO_DIR)/curves.png, embedding map $(DEMO_DIR)/map.png (see docs/visualisation.md)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -54,6 +54,9 @@ from .app import cli, data_options
 @click.option("--save-every", type=int, default=None, help="Also checkpoint every N steps.")
 @click.option("--knn-every", type=int, default=None, help="kNN-evaluate the bank every N epochs (needs --knn-data).")
 @click.option("--knn-data", default=None, help="Labelled held-out dataset for --knn-every.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Also write the metrics.jsonl scalars as TensorBoard event files into this folder (needs the "
+                   "[plot] extra).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (a run killed before its "
               "first checkpoint starts again from scratch if its config.json matches).")
 @click.option("--sync-bn", is_flag=True, default=False,

@@ -25,5 +25,5 @@ def test_version_and_help():
     r = CliRunner().invoke(cli, ["--help"])
     assert r.exit_code == 0
     for cmd in ["train", "knn", "neighbors", "compare", "export-encoder", "export-features", "linear-probe",
-                "finetune"]:
+                "finetune", "plot", "plot-embedding"]:
         assert cmd in r.output

@@ -63,3 +63,22 @@ def test_k_that_cannot_work_is_refused_before_training(fake_mnist, tmp_path):
     r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
                                  str(tmp_path / "y"), "--bank-weight", "0"])
     assert r.exit_code == 2 and "--bank-weight must be in (0, 1], got 0.0" in r.output
+
+def test_tensorboard_without_the_package_one_line_exit_2(fake_mnist, tmp_path, monkeypatch):
+    import sys
+
+    from _cli_helpers import assert_one_line_error
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
+                                 str(tmp_path / "x"), "--tensorboard", str(tmp_path / "tb")])
+    assert_one_line_error(r, "tensorboard", "instdisc[plot]")
+    assert not (tmp_path / "x").exists()
+
+
+def test_tensorboard_option_writes_event_files(fake_mnist, tmp_path):
+    r = run(["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out", str(tmp_path / "r"), "--arch",
+             "convnet-tiny", "--batch-size", "16", "--nce-k", "16", "--low-dim", "8", "--epochs", "1", "--limit", "32",
+             "--tensorboard", str(tmp_path / "tb")])
+    assert r.exit_code == 0, r.output
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

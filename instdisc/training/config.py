@@ -62,6 +62,7 @@ class TrainConfig:
     knn_every: int = 0
     knn_data: str | None = None
     knn_k: int = 200
+    tensorboard: str | None = None     # folder for TensorBoard event files (the metrics.jsonl scalars), needs [plot]
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -140,6 +141,10 @@ class TrainConfig:
             bad(f"--limit must be >= 1, got {self.limit}")
         if self.knn_every and not self.knn_data:
             bad("--knn-every needs --knn-data (a labelled held-out dataset)")
+        if self.tensorboard is not None:
+            from .tensorboard import require_tensorboard
+
+            require_tensorboard()  # fail before any work when the package is missing
 
     def resolve_for_data(self, n_data: int) -> str | None:
         """Fill in what depends on the dataset size (K when --nce-k was not given); returns a line saying what was

@@ -45,7 +45,7 @@ log = logging.getLogger("instdisc.training")
 
 # Settings that may differ between a run and its resume (they do not change what is computed on CPU).
 _RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "knn_every", "knn_data",
-                      "data_root"}
+                      "data_root", "tensorboard"}
 
 
 # Step statistics of the objective whose epoch means go into the epoch record (see Objective.forward).
@@ -379,7 +379,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     batches = _Batches(cfg, ds, device, use_batch_aug) if dist is None else dist.batches(cfg, ds, device, use_batch_aug)
     spe = batches.steps_per_epoch
     total_steps = spe * cfg.epochs
-    metrics = MetricsWriter(out / "metrics.jsonl" if dist is None or dist.is_main else os.devnull)
+    metrics = MetricsWriter.for_run(out, cfg, main=dist is None or dist.is_main)
 
     amp = resolve_amp(cfg.amp, device)  # bf16 autocast of encoder + head (CUDA; CPUs with native bf16)
     epoch, start, global_step, epoch_losses, epoch_stats = 0, 0, 0, [], {}

@@ -51,7 +51,7 @@ def test_panels_follow_the_fields_present():
     base = run_series(fake_records(), "a")
     assert [p.key for p, _ in panels_for([base])] == ["loss", "lr", "similarity", "throughput"]
     # epoch records with the training-health fields (and one field no table knows): panels appear, in table order
-    health = dict(pos_sim=0.9, neg_sim=0.1, gap=0.8, alignment=0.5, uniformity=-2.0, z_std=0.08, bank_staleness=3.0,
+    health = dict(pos_sim=0.9, neg_sim=0.1, gap=0.8, alignment=0.5, uniformity=-2.0, z_std=0.08, staleness=0.9,
                   bank_knn_top1=0.5, knn_top1=0.6, brand_new_signal=1.0)
     rich = run_series(fake_records(extra_epoch=health), "b")
     panels = panels_for([base, rich])

@@ -40,13 +40,16 @@ class Panel:
 PANELS: tuple[Panel, ...] = (
     Panel("loss", "Training loss", "loss (nats)", ("loss",), log_if_wide=True),
     Panel("lr", "Learning rate", "learning rate (SGD step size)", ("lr",)),
-    Panel("similarity", "Positive vs negative similarity", "cosine similarity", ("pos_sim", "neg_sim", "gap")),
+    Panel("similarity", "Positive vs negative similarity", "cosine similarity",
+          ("pos_sim", "neg_sim", "inbatch_sim", "gap")),
     Panel("knn", "Bank kNN accuracy (held-out data)", "accuracy (%)", ("knn_top1", "knn_top5", "bank_knn_top1"),
           scale=100.0),
     Panel("geometry", "Alignment and uniformity (lower is better)", "value (as logged)",
           ("alignment", "uniformity")),
     Panel("spread", "Embedding spread", "std of z per dimension", ("z_std",)),
-    Panel("staleness", "Memory-bank staleness", "bank_staleness (as logged)", ("bank_staleness",)),
+    Panel("staleness", "Memory bank: stored rows vs current embeddings", "cosine similarity",
+          ("staleness", "own_sim", "stale_gap")),
+    Panel("bank_share", "Bank rows' share of the negatives' softmax weight", "fraction", ("bank_share",)),
     Panel("log_z", "NCE normaliser Z", "log Z (nats)", ("log_z",)),
     Panel("throughput", "Training throughput", "images/s", ("images_per_s",)),
 )

@@ -43,7 +43,8 @@ def features_for(spec: str, src: ModelSource | None, *, layer: str = "encoder", 
                             f"compute its features")
     ds = src.prepare(build_dataset(spec, data_root=data_root, limit=limit))
     with torch.no_grad():
-        return extract_features(src.fn(layer), ds, batch_size=batch_size, device=device, workers=workers)
+        return extract_features(src.fn(layer), ds, batch_size=batch_size, device=device, workers=workers,
+                                desc=f"features of {spec}")
 
 
 def _bank_features(src: ModelSource, train_spec: str, *, data_root=None, limit=None) -> Features:

@@ -77,13 +77,13 @@ def test_class_folders_labels_and_modes(tmp_path):
     assert ds.load_image(2).getpixel((5, 5))[0] == ds.load_image(2).getpixel((5, 5))[2]  # gray -> equal channels
 
 
-def test_default_image_size_and_flat_folder(tmp_path):
+def test_inferred_image_size_and_flat_folder(tmp_path):
     for k in range(3):
         save(tmp_path / f"img{k}.png", noisy((30, 20), seed=k))
     (tmp_path / "empty_sub").mkdir()
     ds = build_dataset(str(tmp_path))
     assert len(ds) == 3 and list(ds.labels) == [-1, -1, -1] and ds.classes == []
-    assert ds.image_size == 224 and ds[0][0].shape == (3, 224, 224)
+    assert ds.image_size == 20 and ds[0][0].shape == (3, 20, 20)  # the short side (instdisc.data.geometry)
 
 
 def test_empty_folder_is_an_error(tmp_path):

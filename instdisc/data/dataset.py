@@ -56,6 +56,7 @@ class IndexedDataset(Dataset):
         self.native_size = int(array.shape[2]) if array is not None else None
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.geometry: dict | None = None  # files: how size and channels were chosen (instdisc.data.geometry)
         self.source_indices = (np.arange(n, dtype=np.int64) if source_indices is None
                                else np.asarray(source_indices, dtype=np.int64))
         if transform is None:

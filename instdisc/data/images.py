@@ -120,10 +120,19 @@ def find_bad_images(paths: Sequence[str], *, workers: int | None = None, chunk: 
                 out.append(BadImage(i, p, reason))
         return out
 
+    from ..progress_bar import ProgressBar
+
     starts = range(0, n, chunk)
-    if workers <= 1 or n <= chunk:
-        results = [run(s) for s in starts]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(run, starts))
+    results = []
+    with ProgressBar(n, "bad-image scan", unit="files") as bar:
+        if workers <= 1 or n <= chunk:
+            parts = map(run, starts)
+            for part in parts:
+                results.append(part)
+                bar.update(min(chunk, n - chunk * (len(results) - 1)))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for part in pool.map(run, starts):  # in order, as each chunk is checked
+                    results.append(part)
+                    bar.update(min(chunk, n - chunk * (len(results) - 1)))
     return [b for part in results for b in part]

@@ -229,7 +229,8 @@ class DistributedRun:
         was = model.training
         model.eval()
         mine = self._owned_dataset(ds)
-        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device)
+        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device,
+                                 desc=f"memory bank init (rank {self.rank})")
         model.objective.init_bank(torch.from_numpy(feats.features).to(self.device))
         model.train(was)
 

@@ -291,7 +291,7 @@ def _checkpoint_bytes(model: torch.nn.Module, params: list) -> int:
 def _init_bank_from_encoder(model: InstDiscModel, ds, device, batch_size: int) -> None:
     was = model.training
     model.eval()
-    feats = extract_features(model.embed, ds, batch_size=batch_size, device=device)
+    feats = extract_features(model.embed, ds, batch_size=batch_size, device=device, desc="memory bank init")
     model.objective.init_bank(torch.from_numpy(feats.features).to(device))
     model.train(was)
 
@@ -323,14 +323,15 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     with contextlib.nullcontext() if dist is None else dist.local_main_first():  # [distributed] one lister per node
         ds = dataset if dataset is not None else build_dataset(
             cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
-            image_size=cfg.image_size, cache_dir=cache_dir)
+            image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir)
     n = len(ds)
     cfg.validate_for_data(n)
     use_batch_aug = cfg.augment == "batch" or (cfg.augment == "auto" and getattr(ds, "array", None) is not None)
     if use_batch_aug and getattr(ds, "array", None) is None:
         raise InstdiscError(f"--augment batch needs an in-memory dataset; {cfg.data} is read from files (use pil)")
     data_info = {"n": n, "spec": cfg.data, "channels": ds.channels, "image_size": ds.image_size,
-                 "mean": list(ds.mean), "std": list(ds.std), "fingerprint": ds.fingerprint()}
+                 "mean": list(ds.mean), "std": list(ds.std), "fingerprint": ds.fingerprint(),
+                 **({"geometry": ds.geometry} if getattr(ds, "geometry", None) else {})}
     if dist is None:
         model = build_seeded_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
     else:  # [distributed] same data on every rank; this rank's N/W bank rows only
@@ -339,6 +340,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     params = [p for p in model.parameters() if p.requires_grad]
 
     # Every check runs before anything is written: a refused run leaves the run directory as it was.
+    knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
+                   if cfg.knn_every else None)  # refuses a monitor that cannot work, before any step
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
     ckpt = None
@@ -418,8 +421,6 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     progress = Progress(total_steps, cfg.batch_size, global_step)
     last_loss = float("nan")
     interrupted, stop_signal = False, None
-    knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
-                   if cfg.knn_every else None)
     log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s, %s",
              cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil",
              "bf16 autocast" if amp else "float32")
@@ -517,24 +518,49 @@ def _step_loss(model: InstDiscModel, views: list[torch.Tensor], idx: torch.Tenso
 
 
 class _KnnMonitor:
-    """InstDisc's training-time monitor: the bank as gallery, held-out images embedded with the eval transform."""
+    """InstDisc's training-time monitor: the bank as gallery, held-out images embedded with the eval transform.
+
+    Built before training starts, so a setting that cannot work is refused before any step: the held-out set is
+    built at the training data's image size and channels, and only labelled bank slots and labelled held-out images
+    take part (the rest are left out, with a log line saying how many)."""
 
     def __init__(self, cfg: TrainConfig, train_ds, device):
         from ..data import build_dataset as _build
 
         self.cfg, self.device = cfg, device
         self.train_labels = np.asarray(train_ds.labels)
-        self.test_ds = _build(cfg.knn_data, data_root=cfg.data_root)
-        if (self.train_labels < 0).all():
+        self.gallery_rows = np.flatnonzero(self.train_labels >= 0)  # (G,) bank slots that vote
+        if len(self.gallery_rows) == 0:
             raise InstdiscError("--knn-every needs labels in the training data")
+        if len(self.gallery_rows) < len(self.train_labels):
+            log.warning("kNN monitor: %d of %d training images are unlabeled; the gallery is the %d labelled bank "
+                        "slots", len(self.train_labels) - len(self.gallery_rows), len(self.train_labels),
+                        len(self.gallery_rows))
+        self.test_ds = _build(cfg.knn_data, data_root=cfg.data_root, image_size=train_ds.image_size,
+                              channels=train_ds.channels)
+        if self.test_ds.channels != train_ds.channels:
+            raise InstdiscError(f"--knn-data {cfg.knn_data} has {self.test_ds.channels}-channel images but the "
+                                f"training data has {train_ds.channels}")
+        test_labels = np.asarray(self.test_ds.labels)
+        self.query_rows = np.flatnonzero(test_labels >= 0)  # (Q,) held-out images that are scored
+        if len(self.query_rows) == 0:
+            raise InstdiscError(f"--knn-data {cfg.knn_data} has no labelled images (a kNN monitor needs labels)")
+        if len(self.query_rows) < len(test_labels):
+            log.warning("kNN monitor: %d of %d --knn-data images are unlabeled and are not scored",
+                        len(test_labels) - len(self.query_rows), len(test_labels))
+
+    def _queries(self, model: InstDiscModel):
+        was = model.training
+        model.eval()
+        test = extract_features(model.embed, self.test_ds, device=self.device, desc="kNN monitor features")
+        model.train(was)
+        return test.features[self.query_rows], test.labels[self.query_rows]  # (Q, D), (Q,)
 
     def __call__(self, model: InstDiscModel) -> dict:
         from ..knn import knn_evaluate
 
-        was = model.training
-        model.eval()
-        test = extract_features(model.embed, self.test_ds, device=self.device)
-        model.train(was)
-        bank = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()
-        res = knn_evaluate(bank, self.train_labels, test.features, test.labels, k=self.cfg.knn_k, tau=self.cfg.nce_t)
+        q, q_labels = self._queries(model)
+        bank = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()[self.gallery_rows]  # (G, D)
+        res = knn_evaluate(bank, self.train_labels[self.gallery_rows], q, q_labels, k=self.cfg.knn_k,
+                           tau=self.cfg.nce_t)
         return {"knn_top1": res["top1"], "knn_top5": res.get("top5")}

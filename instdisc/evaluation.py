@@ -25,7 +25,12 @@ _H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def is_feature_file(spec: str | None) -> bool:
-    return spec is not None and str(spec).lower().endswith(_H5_SUFFIXES)
+    """An HDF5 path that is not an image cache (``cache:PATH`` or a file whose kind says image cache)."""
+    if spec is None or not str(spec).lower().endswith(_H5_SUFFIXES) or str(spec).lower().startswith("cache:"):
+        return False
+    from .data.cache import is_image_cache
+
+    return not is_image_cache(spec)
 
 
 def features_for(spec: str, src: ModelSource | None, *, layer: str = "encoder", device="cpu", data_root=None,

@@ -52,9 +52,16 @@ def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
 
 def batch_eval(x: torch.Tensor, ds) -> torch.Tensor:
     """Deterministic counterpart of :func:`~instdisc.data.transforms.eval_transform` for in-memory data:
-    uint8 B x C x H x W -> normalised float32 B x C x S x S (bilinear antialiased resize only when S != H)."""
+    uint8 B x C x H x W -> normalised float32 B x C x S x S (the centre ``ds.eval_crop`` fraction when set, then a
+    bilinear antialiased resize only when the size differs from S)."""
     xf = to_float(x)
     size = ds.image_size
+    crop = getattr(ds, "eval_crop", None)  # image caches: the centre fraction a folder's eval transform keeps
+    if crop:
+        h, w = xf.shape[-2:]
+        ch, cw = max(1, round(h * crop)), max(1, round(w * crop))
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))  # as torchvision's CenterCrop
+        xf = xf[..., top:top + ch, left:left + cw]
     if xf.shape[-2:] != (size, size):
         xf = F.interpolate(xf, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return normalize(xf, ds.mean, ds.std)

@@ -5,6 +5,7 @@ Spec forms::
     fashion-mnist[:train|:test]   mnist[:...]   cifar10[:...]   cifar100[:...]   (local files, see DEFAULT_ROOT)
     /path/to/folder               class sub-folders -> labels by sorted name; flat folder -> labels -1
     filelist:/path/list.txt       or any path ending in .txt / .csv
+    cache:/path/cache.h5          an image cache made by ``instdisc prepare`` (or any existing .h5 / .hdf5 file)
 """
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ _ALIASES = {
     "cifar100": "cifar100", "cifar-100": "cifar100", "cifar_100": "cifar100",
 }
 _LIST_SUFFIXES = (".txt", ".csv")
+_CACHE_SUFFIXES = (".h5", ".hdf5")
 
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str  # "named" | "folder" | "filelist"
+    kind: str  # "named" | "folder" | "filelist" | "cache"
     name: str | None = None  # canonical dataset name (kind "named")
     split: str | None = None  # "train" | "test" (kind "named")
     path: str | None = None  # folder or list file (other kinds)
@@ -72,6 +74,11 @@ def parse_spec(spec: str) -> Spec:
         if not path:
             raise InstdiscError(f"dataset spec {spec!r} names no file list; use filelist:PATH")
         return Spec("filelist", path=path)
+    if s.lower().startswith("cache:"):
+        path = os.path.expanduser(s[len("cache:"):].strip())
+        if not path:
+            raise InstdiscError(f"dataset spec {spec!r} names no cache file; use cache:PATH")
+        return Spec("cache", path=path)
     name, colon, split = s.partition(":")
     canonical = _ALIASES.get(name.lower())
     if canonical is not None:
@@ -87,7 +94,10 @@ def parse_spec(spec: str) -> Spec:
     if os.path.isfile(path):
         if path.lower().endswith(_LIST_SUFFIXES):
             return Spec("filelist", path=path)
-        raise InstdiscError(f"dataset spec {spec!r} is a file but not a .txt/.csv file list; use filelist:{s}")
+        if path.lower().endswith(_CACHE_SUFFIXES):
+            return Spec("cache", path=path)
+        raise InstdiscError(f"dataset spec {spec!r} is a file but not a .txt/.csv file list or .h5 image cache; use "
+                            f"filelist:{s}")
     if os.sep in s or s.startswith((".", "~")) or s.lower().endswith(_LIST_SUFFIXES):
         raise InstdiscError(f"dataset path not found: {path}")
     close = difflib.get_close_matches(name.lower(), list(_ALIASES), n=1, cutoff=0.6)
@@ -212,6 +222,7 @@ def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, s
     ds = IndexedDataset(spec=spec_text, labels=src.labels[sel], classes=src.classes, channels=geo.channels,
                         image_size=geo.image_size, mean=mean, std=std, paths=paths, source_indices=sel)
     ds.geometry = geo.to_dict()
+    ds.n_source = n
     return ds
 
 
@@ -240,6 +251,10 @@ def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limi
     cache_dir = None if cache_dir is None else os.path.expanduser(str(cache_dir))
     if parsed.kind == "named":
         ds = _named(spec_text, parsed, data_root, limit, image_size)
+    elif parsed.kind == "cache":
+        from .cache import open_cache
+
+        ds = open_cache(parsed.path, spec=spec_text, limit=limit, image_size=image_size, channels=channels)
     else:
         ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images)
     log.info("dataset %s: %d samples, %d classes, %d channels, image size %d", ds.spec, len(ds), len(ds.classes),

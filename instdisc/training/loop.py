@@ -131,9 +131,14 @@ class _Batches:
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment
             self.aug = BatchAugment(ds, scale=(cfg.crop_min, 1.0))
-            self.array = ds.array.to(device) if device.type == "cuda" else ds.array
+            on_disk = getattr(ds, "memmapped", False)  # an image cache is read from its memmap, batch by batch
+            self.array = ds.array.to(device) if device.type == "cuda" and not on_disk else ds.array
         else:
             self.transform = train_transform(ds, scale=(cfg.crop_min, 1.0))
+            if getattr(ds, "paths", None) is not None:  # JPEG draft: the smallest crop still has >= S source pixels
+                from ..data.images import DRAFT_MARGIN
+
+                self.ds = ds.with_draft(max(DRAFT_MARGIN, 1 / math.sqrt(cfg.crop_min)))
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, 1))

@@ -209,6 +209,22 @@ class _DataError(InstdiscError):
     """An image could not be read while training (e.g. deleted after the start-up scan)."""
 
 
+def data_error_text(e: BaseException) -> str:
+    """The one-line reason of an image that could not be read (DataLoader workers' wrapping removed)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
+        text = text.splitlines()[-1].strip()
+        head, sep, rest = text.partition(": ")
+        text = rest if sep and head.endswith("Error") else text
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def data_error_message(e: BaseException | str, done: int) -> str:
+    text = e if isinstance(e, str) else data_error_text(e)
+    return (f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a memory-bank slot), "
+            f"then continue with --resume")
+
+
 def _guarded(batches, start: int, save, stopping=lambda: False):
     """Yield from the batch iterator of an epoch that starts at step ``start``. When an image cannot be read, call
     ``save(steps_done)`` (every yielded batch was trained on: the state is at a step boundary) and raise a one-line
@@ -221,15 +237,8 @@ def _guarded(batches, start: int, save, stopping=lambda: False):
             yield item
             done += 1
     except InstdiscError as e:
-        text = str(e).strip()
-        if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
-            text = text.splitlines()[-1].strip()
-            head, sep, rest = text.partition(": ")
-            text = rest if sep and head.endswith("Error") else text
-        text = text.splitlines()[0] if text else type(e).__name__
         save(done)
-        raise _DataError(f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a "
-                         f"memory-bank slot), then continue with --resume") from None
+        raise _DataError(data_error_message(e, done)) from None
     except RuntimeError as e:
         if not stopping():
             raise
@@ -474,6 +483,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             if interrupted:
                 stop_signal = stop.signum
                 checkpoint(epoch, s_idx, losses)
+                if dist is not None:
+                    dist.raise_data_error(s_idx)  # [distributed] an image became unreadable: saved, now stop
                 log.warning("stopped by signal %d: checkpoint saved at epoch %d step %d; continue with --resume",
                             stop_signal, epoch + 1, s_idx)
                 break

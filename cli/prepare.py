@@ -22,18 +22,20 @@ from .app import cli, data_options
 @click.option("--workers", type=int, default=None, help="Decoding threads [default: the CPU count].")
 @click.option("--index-cache", type=click.Path(file_okay=False), default=None,
               help="Folder caching the file index and bad-image scan of the source.")
+@click.option("--chunk-rows", type=int, default=None, hidden=True,
+              help="Images decoded and written at a time [default: about 64 MiB of pixels].")
 @click.option("--overwrite", is_flag=True, help="Replace a complete cache (the old one stays until the new one is "
                                                 "complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
-def prepare_cmd(data, out, image_size, channels, data_root, limit, skip_bad_images, workers, index_cache, overwrite,
-                as_json):
+def prepare_cmd(data, out, image_size, channels, data_root, limit, skip_bad_images, workers, index_cache, chunk_rows,
+                overwrite, as_json):
     """Decode the folder or file list DATA once into an image cache: a dataset spec (cache:OUT) for every command.
 
     An interrupted prepare is continued by running the same command again.
     """
     res = prepare_cache(data, out, image_size=image_size, channels=channels, data_root=data_root, limit=limit,
                         skip_bad_images=skip_bad_images, overwrite=overwrite, workers=workers,
-                        index_cache=index_cache)
+                        index_cache=index_cache, chunk_rows=chunk_rows)
     resumed = f", resumed after {res.resumed_from} images" if res.resumed_from else ""
     skipped = f", {res.skipped} bad images skipped" if res.skipped else ""
     click.echo(f"wrote {res.n} images ({res.channels} x {res.image_size} x {res.image_size}) to {out}{resumed}"

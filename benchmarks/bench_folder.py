@@ -189,13 +189,20 @@ def main() -> None:
     print(f"data ready in {time.perf_counter() - t0:.0f}s under {args.work}")
     print(f"{'source':<6} {'px':>4} {'pil-train':>9} {'pil-draft':>10} {'pil-dec':>9} {'prepare-1t':>10} "
           f"{'prepare':>8} {'cache':>9} {'c/a':>8} {'b1/d':>8} {'b/d':>8}   (samples/s)")
-    rows = bench_source("jpeg", jpegs, sizes, args.work, args)
-    rows += bench_source("png", pngs, [28], args.work, args)
-    payload = {"machine": machine_info(), "args": vars(args), "rows": rows,
-               "command": "python benchmarks/bench_folder.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("json_out", "work"))}
     out = args.json_out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_folder.json")
-    write_json(out, payload)
+    rows: list[dict] = []
+
+    def save(done: bool) -> None:  # after every row: a long run on a busy machine keeps what it measured
+        write_json(out, {"machine": machine_info(), "args": vars(args), "complete": done, "rows": rows,
+                         "command": "python benchmarks/bench_folder.py " + " ".join(
+                             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                             if k not in ("json_out", "work"))})
+
+    for name, folder, row_sizes in (("jpeg", jpegs, sizes), ("png", pngs, [28])):
+        for size in row_sizes:
+            rows += bench_source(name, folder, [size], args.work, args)
+            save(False)
+    save(True)
     print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)")
 
 

@@ -138,6 +138,13 @@ def test_grayscale_folder_trains_at_its_own_size_and_config_records_it(tmp_path)
     assert (conf["dataset"]["channels"], conf["dataset"]["image_size"]) == (1, 28)
     assert conf["dataset"]["geometry"]["channels"] == 1 and "grayscale" in conf["dataset"]["geometry"]["reason"]
     assert res.model.encoder(torch.zeros(2, 1, 28, 28)).shape[0] == 2
+    from instdisc.export import export_encoder, export_features, read_features_attrs
+
+    meta = export_encoder(tmp_path / "run", tmp_path / "enc")  # exports record the choice too
+    assert meta["data"]["geometry"] == conf["dataset"]["geometry"] and meta["channels"] == 1
+    export_features(tmp_path / "enc", str(tmp_path / "g"), tmp_path / "f.h5")
+    attrs = read_features_attrs(tmp_path / "f.h5")
+    assert attrs["channels"] == 1 and json.loads(attrs["geometry_json"])["image_size"] == 28
 
 
 def _partly_labelled_list(tmp_path, n=64, unlabeled_every=4):

@@ -20,6 +20,7 @@ SUITE = [
     ("index", ["bench_index.py"]),
     ("knn", ["bench_knn.py", "--quick", "--approx", "ivf,ivfpq"]),
     ("export", ["bench_export.py", "--limit", "5000"]),
+    ("folder", ["bench_folder.py", "--n", "5000", "--n-png", "2000", "--cap", "4"]),  # data generated once, reused
 ]
 
 

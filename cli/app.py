@@ -25,6 +25,9 @@ class InstdiscGroup(click.Group):
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from instdisc.progress_bar import set_quiet
+
+    set_quiet(False)  # a new command starts with progress shown (tests invoke many in one process)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("instdisc")
@@ -41,8 +44,23 @@ def cli(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+def _set_quiet(ctx, param, value):
+    if value:
+        from instdisc.progress_bar import set_quiet
+
+        set_quiet(True)
+    return value
+
+
+def quiet_option(f):
+    """--quiet: no progress bars or periodic progress lines (other log lines and warnings stay)."""
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="No progress bars or progress lines.")(f)
+
+
 def data_options(f):
-    """--data-root and --limit, accepted by every command that reads a dataset."""
+    """--data-root, --limit and --quiet, accepted by every command that reads a dataset."""
+    f = quiet_option(f)
     f = click.option("--limit", type=int, default=None, help="Use a fixed subset of N images (quick trials).")(f)
     f = click.option("--data-root", type=click.Path(), default=None,
                      help="Where named datasets' files are (fashion-mnist defaults to "

@@ -44,7 +44,11 @@ from .app import cli, data_options
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None)
 @click.option("--warmup-epochs", type=float, default=None)
-@click.option("--image-size", type=int, default=None, help="Side of the images the encoder sees (folders).")
+@click.option("--image-size", type=int, default=None,
+              help="Side of the images the encoder sees (folders, lists: default inferred from the images).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+              callback=lambda ctx, p, v: None if v is None else int(v),
+              help="Folders, lists: 1 (grayscale) or 3 (RGB) [default: inferred from the images].")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Drop unreadable images instead of stopping.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast (used on CUDA and on CPUs with native bf16).")

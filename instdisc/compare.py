@@ -52,8 +52,8 @@ def compare_knn(run_dir, *, train: str, test: str, k: int = 200, tau: float = 0.
     for name, fn in candidates:
         t0 = time.perf_counter()
         with torch.no_grad():
-            a = extract_features(fn, train_ds, batch_size=batch_size, device=device)
-            b = extract_features(fn, test_ds, batch_size=batch_size, device=device)
+            a = extract_features(fn, train_ds, batch_size=batch_size, device=device, desc=f"{name}: features of {train}")
+            b = extract_features(fn, test_ds, batch_size=batch_size, device=device, desc=f"{name}: features of {test}")
         res = knn_evaluate(a.features, a.labels, b.features, b.labels, k=k, tau=tau)
         rows.append({"features": name, "dim": int(a.features.shape[1]), "top1": res["top1"], "top5": res.get("top5"),
                      "nn1": res.get("nn1"), "seconds": time.perf_counter() - t0})

@@ -25,7 +25,12 @@ _H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def is_feature_file(spec: str | None) -> bool:
-    return spec is not None and str(spec).lower().endswith(_H5_SUFFIXES)
+    """An HDF5 path that is not an image cache (``cache:PATH`` or a file whose kind says image cache)."""
+    if spec is None or not str(spec).lower().endswith(_H5_SUFFIXES) or str(spec).lower().startswith("cache:"):
+        return False
+    from .data.cache import is_image_cache
+
+    return not is_image_cache(spec)
 
 
 def features_for(spec: str, src: ModelSource | None, *, layer: str = "encoder", device="cpu", data_root=None,
@@ -43,7 +48,8 @@ def features_for(spec: str, src: ModelSource | None, *, layer: str = "encoder", 
                             f"compute its features")
     ds = src.prepare(build_dataset(spec, data_root=data_root, limit=limit))
     with torch.no_grad():
-        return extract_features(src.fn(layer), ds, batch_size=batch_size, device=device, workers=workers)
+        return extract_features(src.fn(layer), ds, batch_size=batch_size, device=device, workers=workers,
+                                desc=f"features of {spec}")
 
 
 def _bank_features(src: ModelSource, train_spec: str, *, data_root=None, limit=None) -> Features:

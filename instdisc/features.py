@@ -46,25 +46,37 @@ def _loader_batches(dataset, start: int, batch_size: int, device, workers: int):
 
 @torch.no_grad()
 def iter_feature_batches(fn: Callable[[torch.Tensor], torch.Tensor], dataset, *, start: int = 0,
-                         batch_size: int = 256, device="cpu", workers: int = 0,
+                         batch_size: int = 256, device="cpu", workers: int = 0, desc: str | None = None,
                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (indices (b,), features (b, D) float32) for rows ``start..N-1`` in order, eval transform applied."""
+    """Yield (indices (b,), features (b, D) float32) for rows ``start..N-1`` in order, eval transform applied.
+    ``desc``: show a progress bar / periodic progress lines under that name (:mod:`instdisc.progress_bar`)."""
+    from .progress_bar import ProgressBar
+
     device = torch.device(device)
     if getattr(dataset, "array", None) is not None:
         batches = _array_batches(dataset, start, batch_size, device)
     else:
         batches = _loader_batches(dataset, start, batch_size, device, workers)
-    for idx, x in batches:
-        yield idx, fn(x).float().cpu().numpy()
+    if desc is None:
+        for idx, x in batches:
+            yield idx, fn(x).float().cpu().numpy()
+        return
+    with ProgressBar(len(dataset) - start, desc) as bar:
+        for idx, x in batches:
+            out = fn(x).float().cpu().numpy()
+            bar.update(len(idx))
+            yield idx, out
 
 
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], dataset, *, batch_size: int = 256,
-                     device="cpu", workers: int = 0) -> Features:
-    """Run ``fn`` (e.g. ``model.features`` or ``model.embed``) over ``dataset``; rows placed by dataset index."""
+                     device="cpu", workers: int = 0, desc: str | None = "features") -> Features:
+    """Run ``fn`` (e.g. ``model.features`` or ``model.embed``) over ``dataset``; rows placed by dataset index.
+    Progress is shown under ``desc`` (None: silent)."""
     n = len(dataset)
     feats: np.ndarray | None = None
     filled = np.zeros(n, dtype=bool)
-    for idx, f in iter_feature_batches(fn, dataset, batch_size=batch_size, device=device, workers=workers):
+    for idx, f in iter_feature_batches(fn, dataset, batch_size=batch_size, device=device, workers=workers,
+                                       desc=desc):
         if feats is None:
             feats = np.empty((n, f.shape[1]), dtype=np.float32)
         feats[idx] = f

@@ -46,11 +46,14 @@ class ModelSource:
         return self
 
     def prepare(self, dataset):
-        """A view of ``dataset`` that feeds this model: its normalisation and input size."""
-        if dataset.channels != self.meta["channels"]:
-            raise InstdiscError(f"the model takes {self.meta['channels']}-channel images but {dataset.spec} has "
+        """A view of ``dataset`` that feeds this model: its normalisation, input size and (file datasets) channels."""
+        want = int(self.meta["channels"])
+        files = getattr(dataset, "paths", None) is not None
+        if dataset.channels != want and not files:
+            raise InstdiscError(f"the model takes {want}-channel images but {dataset.spec} has "
                                 f"{dataset.channels}")
         ds = copy.copy(dataset)
+        ds.channels = want  # files are decoded in the model's mode ("L" or "RGB") whatever was inferred
         ds.mean, ds.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         ds.image_size = int(self.meta["image_size"])
         return ds

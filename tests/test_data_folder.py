@@ -77,13 +77,13 @@ def test_class_folders_labels_and_modes(tmp_path):
     assert ds.load_image(2).getpixel((5, 5))[0] == ds.load_image(2).getpixel((5, 5))[2]  # gray -> equal channels
 
 
-def test_default_image_size_and_flat_folder(tmp_path):
+def test_inferred_image_size_and_flat_folder(tmp_path):
     for k in range(3):
         save(tmp_path / f"img{k}.png", noisy((30, 20), seed=k))
     (tmp_path / "empty_sub").mkdir()
     ds = build_dataset(str(tmp_path))
     assert len(ds) == 3 and list(ds.labels) == [-1, -1, -1] and ds.classes == []
-    assert ds.image_size == 224 and ds[0][0].shape == (3, 224, 224)
+    assert ds.image_size == 20 and ds[0][0].shape == (3, 20, 20)  # the short side (instdisc.data.geometry)
 
 
 def test_empty_folder_is_an_error(tmp_path):
@@ -247,3 +247,55 @@ def test_top_level_images_beside_classes_are_ignored_with_a_warning(tmp_path, ca
         ds = build_dataset(str(tmp_path))
     assert len(ds) == 1 and ds.classes == ["a", "b"]
     assert "ignoring 1 images directly in" in caplog.text and "1 class folders" in caplog.text
+
+
+def _photo_like(w=500, h=375, seed=0):
+    """Smooth colour waves plus sensor-like noise (a stand-in for a photograph)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([128 + 100 * np.sin(x / 23 + c) * np.cos(y / 31 - c) for c in range(3)], -1)
+    return Image.fromarray((base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [32, 64, 96])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_draft_matches_full_decode_within_tolerance(tmp_path, size, mode):
+    """The documented tolerance (docs/large-collections.md): reduced-scale decode + resize vs full decode + the same
+    resize, 0..255 levels: mean |diff| < 1.5, 99th percentile <= 6."""
+    from instdisc.data.images import DRAFT_MARGIN, decode_square, open_image, resize_short_side
+
+    p = tmp_path / "photo.jpg"
+    _photo_like().save(p, quality=90)
+    drafted = open_image(str(p), mode, min_side=int(np.ceil(DRAFT_MARGIN * size)))
+    assert min(drafted.size) < 375 and min(drafted.size) >= DRAFT_MARGIN * size  # it did decode smaller
+    got = np.asarray(decode_square(str(p), mode, size)).astype(int)
+    ref = np.asarray(resize_short_side(open_image(str(p), mode), size)).astype(int)
+    d = np.abs(got - ref)
+    assert got.shape == ref.shape and d.mean() < 1.5 and np.percentile(d, 99) <= 6, (d.mean(), d.max())
+
+
+def test_draft_only_when_a_halving_is_possible(tmp_path):
+    from instdisc.data.images import open_image
+
+    p = tmp_path / "photo.jpg"
+    _photo_like().save(p, quality=90)
+    full = np.asarray(open_image(str(p), "RGB"))
+    same = np.asarray(open_image(str(p), "RGB", min_side=200))  # 375 < 2 x 200: full decode, identical pixels
+    np.testing.assert_array_equal(full, same)
+    png = tmp_path / "photo.png"
+    _photo_like().save(png)
+    assert open_image(str(png), "RGB", min_side=20).size == (500, 375)  # only JPEGs have a draft mode
+
+
+def test_pil_training_path_drafts_keeping_the_smallest_crop_sharp(tmp_path):
+    from instdisc.training import TrainConfig
+    from instdisc.training.loop import _Batches
+
+    for k in range(4):
+        save(tmp_path / "d" / f"{k}.jpg", _photo_like(seed=k))
+    ds = build_dataset(str(tmp_path / "d"), image_size=64)
+    cfg = TrainConfig(data=str(tmp_path / "d"), batch_size=2, crop_min=0.2, augment="pil")
+    b = _Batches(cfg, ds, torch.device("cpu"), use_batch_aug=False)
+    assert b.ds.draft_scale == pytest.approx(5 ** 0.5)  # 1 / sqrt(crop_min)
+    img = b.ds.load_image(0)
+    assert min(img.size) == 188 and 0.2 ** 0.5 * 188 >= 64  # halved; the smallest crop still has >= 64 px

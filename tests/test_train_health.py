@@ -132,3 +132,8 @@ def test_collapse_warning_only_while_getting_worse():
     assert health_warnings([{"loss": 2.0, "uniformity": -0.2}, better], 128) == []
     healthy = {"loss": 1.0, "z_std": 0.08, "uniformity": -3.5}
     assert health_warnings([healthy], 128) == []
+
+
+def test_warnings_read_null_fields_of_a_resumed_runs_records():
+    # metrics.jsonl writes non-finite numbers as null: a resumed run's history holds None
+    assert health_warnings([{"loss": None}, {"loss": 3.1}, {"loss": 3.2, "uniformity": None, "z_std": None}], 128) == []

@@ -129,7 +129,7 @@ def test_epoch_records_carry_the_health_signals(fake_mnist, tmp_path, over, capl
             assert np.isfinite(r[key]), key
         assert -1 <= r["staleness"] <= 1 and r["uniformity"] <= 0 and r["z_std"] >= 0
     if over.get("nce_k") == 0:  # the no-bank control: no bank negatives, the gap is against in-batch negatives
-        assert all(np.isnan(r["neg_sim"]) and r["bank_share"] == 0.0 for r in epochs)
+        assert all(r["neg_sim"] is None and r["bank_share"] == 0.0 for r in epochs)  # nan is written as null
         assert epochs[0]["gap"] == pytest.approx(epochs[0]["pos_sim"] - epochs[0]["inbatch_sim"])
     else:
         assert all(0 < r["bank_share"] <= 1 for r in epochs)
@@ -163,3 +163,91 @@ def test_health_probe_does_not_change_training(fake_mnist, tmp_path, monkeypatch
     b = train(tiny_cfg(fake_mnist, tmp_path / "b", limit=32, epochs=2, nce_k=16))
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+def _gray_pngs(folder, n, size=28, seed=0):
+    """``n`` grayscale PNGs ``folder/<k>.png`` with class-dependent content (class k % 4)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        a = rng.integers(0, 40, (size, size)).astype(np.uint8)
+        c = k % 4
+        a[2 + 5 * c: 8 + 5 * c, 4:12] = 220
+        p = folder / f"{k:04d}.png"
+        Image.fromarray(a, "L").save(p)
+        paths.append(p)
+    return paths
+
+
+def test_grayscale_folder_trains_at_its_own_size_and_config_records_it(tmp_path):
+    for k, p in enumerate(_gray_pngs(tmp_path / "src", 32)):
+        (tmp_path / "g" / f"c{k % 4}").mkdir(parents=True, exist_ok=True)
+        p.rename(tmp_path / "g" / f"c{k % 4}" / p.name)
+    cfg = tiny_cfg(None, tmp_path / "run", data=str(tmp_path / "g"), nce_k=16, data_root=None)
+    res = train(cfg)
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (conf["dataset"]["channels"], conf["dataset"]["image_size"]) == (1, 28)
+    assert conf["dataset"]["geometry"]["channels"] == 1 and "grayscale" in conf["dataset"]["geometry"]["reason"]
+    assert res.model.encoder(torch.zeros(2, 1, 28, 28)).shape[0] == 2
+    from instdisc.export import export_encoder, export_features, read_features_attrs
+
+    meta = export_encoder(tmp_path / "run", tmp_path / "enc")  # exports record the choice too
+    assert meta["data"]["geometry"] == conf["dataset"]["geometry"] and meta["channels"] == 1
+    export_features(tmp_path / "enc", str(tmp_path / "g"), tmp_path / "f.h5")
+    attrs = read_features_attrs(tmp_path / "f.h5")
+    assert attrs["channels"] == 1 and json.loads(attrs["geometry_json"])["image_size"] == 28
+
+
+def _partly_labelled_list(tmp_path, n=64, unlabeled_every=4):
+    paths = _gray_pngs(tmp_path / "imgs", n)
+    lines = [f"{p}" if k % unlabeled_every == 0 else f"{p},{k % 4}" for k, p in enumerate(paths)]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    return lst
+
+
+def test_knn_monitor_uses_the_labelled_part_at_the_training_size(tmp_path, caplog):
+    lst = _partly_labelled_list(tmp_path)
+    spec = f"filelist:{lst}"
+    cfg = tiny_cfg(None, tmp_path / "run", data=spec, data_root=None, image_size=24, knn_every=1, knn_data=spec,
+                   nce_k=16, knn_k=10)
+    with caplog.at_level("WARNING", logger="instdisc"):
+        train(cfg)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in recs if r["type"] == "epoch"][-1]
+    assert 0 <= epoch["knn_top1"] <= 1
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "16 of 64 training images are unlabeled" in msgs and "16 of 64 --knn-data images are unlabeled" in msgs
+
+
+def test_knn_monitor_size_follows_the_training_data(tmp_path):
+    from instdisc.training.loop import _KnnMonitor
+
+    lst = _partly_labelled_list(tmp_path, n=16)
+    train_ds = build_dataset(f"filelist:{lst}", image_size=20)
+    cfg = tiny_cfg(None, tmp_path / "r", data=f"filelist:{lst}", data_root=None, knn_every=1,
+                   knn_data=f"filelist:{lst}")
+    mon = _KnnMonitor(cfg, train_ds, torch.device("cpu"))
+    assert (mon.test_ds.image_size, mon.test_ds.channels) == (20, 1)
+
+
+def test_unusable_knn_monitor_is_refused_before_anything_is_written(tmp_path):
+    paths = _gray_pngs(tmp_path / "imgs", 32)
+    unl = tmp_path / "unlabeled.txt"
+    unl.write_text("\n".join(str(p) for p in paths) + "\n")
+    lab = tmp_path / "labelled.txt"
+    lab.write_text("\n".join(f"{p},{k % 4}" for k, p in enumerate(paths)) + "\n")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(None, out, data=f"filelist:{lab}", data_root=None, knn_every=1, knn_data=f"filelist:{unl}",
+                   nce_k=16)
+    with pytest.raises(InstdiscError, match="has no labelled images"):
+        train(cfg)
+    assert not (out / "config.json").exists() and not (out / "checkpoint.pt").exists()
+    cfg = tiny_cfg(None, out, data=f"filelist:{unl}", data_root=None, knn_every=1, knn_data=f"filelist:{lab}",
+                   nce_k=16)
+    with pytest.raises(InstdiscError, match="needs labels in the training data"):
+        train(cfg)
+    assert not (out / "config.json").exists()

@@ -6,7 +6,8 @@ Module map (tests mirror it as tests/test_data_<module>.py):
   folder.py     image folders (scandir index)                  filelist.py text file lists
   index_cache.py cached listings and scans                     images.py   open / check image files
   paths.py      compact path table                             transforms.py  PIL recipes
-  batch_aug.py  the recipe on uint8 batch tensors
+  batch_aug.py  the recipe on uint8 batch tensors             geometry.py size and channels from the images
+  cache.py      decoded-image caches (read, memmap)             prepare.py  write a cache (instdisc prepare)
 """
 from .batch_aug import BatchAugment, batch_eval
 from .dataset import IndexedDataset

@@ -52,9 +52,16 @@ def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
 
 def batch_eval(x: torch.Tensor, ds) -> torch.Tensor:
     """Deterministic counterpart of :func:`~instdisc.data.transforms.eval_transform` for in-memory data:
-    uint8 B x C x H x W -> normalised float32 B x C x S x S (bilinear antialiased resize only when S != H)."""
+    uint8 B x C x H x W -> normalised float32 B x C x S x S (the centre ``ds.eval_crop`` fraction when set, then a
+    bilinear antialiased resize only when the size differs from S)."""
     xf = to_float(x)
     size = ds.image_size
+    crop = getattr(ds, "eval_crop", None)  # image caches: the centre fraction a folder's eval transform keeps
+    if crop:
+        h, w = xf.shape[-2:]
+        ch, cw = max(1, round(h * crop)), max(1, round(w * crop))
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))  # as torchvision's CenterCrop
+        xf = xf[..., top:top + ch, left:left + cw]
     if xf.shape[-2:] != (size, size):
         xf = F.interpolate(xf, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return normalize(xf, ds.mean, ds.std)
@@ -206,7 +213,12 @@ class BatchAugment:
         theta[:, 0, 2] = (2 * left + cw) / w - 1
         theta[:, 1, 1] = ch / h
         theta[:, 1, 2] = (2 * top + ch) / h - 1
-        grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)  # b x S x S x 2
+        # the map is axis-aligned (no rotation or shear): x depends on the column only and y on the row only, so
+        # the grid is two outer sums instead of affine_grid's b x S^2 x 3 by 3 x 2 matmul (same values)
+        base = (torch.arange(size, dtype=xf.dtype, device=xf.device) * 2 + 1) / size - 1  # (S,) pixel centres
+        gx = theta[:, 0, 0, None] * base + theta[:, 0, 2, None]  # b x S
+        gy = theta[:, 1, 1, None] * base + theta[:, 1, 2, None]  # b x S
+        grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], -1)
         return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)  # b x C x S x S
 
     def _jitter_groups(self, order: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, list[int]]]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -56,6 +57,11 @@ class IndexedDataset(Dataset):
         self.native_size = int(array.shape[2]) if array is not None else None
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.draft_scale: float | None = None  # files: JPEGs may decode at reduced scale, short side >= this x size
+        self.content_id: str | None = None  # stands for the pixels in fingerprint() (an image cache's source)
+        self.eval_crop: float | None = None  # arrays: evaluation sees this centre fraction (image caches: 224/256)
+        self.memmapped = False  # array is a read-only memory map of a file (an image cache): never copied whole
+        self.geometry: dict | None = None  # files: how size and channels were chosen (instdisc.data.geometry)
         self.source_indices = (np.arange(n, dtype=np.int64) if source_indices is None
                                else np.asarray(source_indices, dtype=np.int64))
         if transform is None:
@@ -84,7 +90,8 @@ class IndexedDataset(Dataset):
         if self.array is not None:
             a = self.array[i].numpy()  # C x H x W
             return Image.fromarray(a[0] if self.channels == 1 else np.ascontiguousarray(a.transpose(1, 2, 0)))
-        return open_image(self.paths[i], "L" if self.channels == 1 else "RGB")
+        min_side = math.ceil(self.draft_scale * self.image_size) if self.draft_scale else None
+        return open_image(self.paths[i], "L" if self.channels == 1 else "RGB", min_side=min_side)
 
     def __getitem__(self, i):
         i = self._check_index(i)
@@ -98,13 +105,22 @@ class IndexedDataset(Dataset):
         out.transform = transform
         return out
 
+    def with_draft(self, scale: float | None) -> "IndexedDataset":
+        """A shallow copy whose JPEGs decode at reduced scale while their short side stays >= ``scale`` x
+        ``image_size`` (:func:`~instdisc.data.images.draft_for`); None: full decodes."""
+        out = copy.copy(self)
+        out.draft_scale = None if scale is None else float(scale)
+        return out
+
     def fingerprint(self) -> str:
         """16 hex digits identifying the content: sample count, labels and pixels (in memory) or file names
         (relative to the folder / list, so a moved dataset keeps its fingerprint)."""
         h = hashlib.sha1()
         h.update(f"{len(self)}:{self.channels}:{self.image_size}".encode())
         h.update(np.ascontiguousarray(self.labels).tobytes())
-        if self.array is not None:
+        if self.content_id is not None:
+            h.update(self.content_id.encode())
+        elif self.array is not None:
             h.update(self.array.contiguous().numpy().tobytes())
         elif isinstance(self.paths, PathTable):
             h.update(self.paths.blob.tobytes())
@@ -115,6 +131,6 @@ class IndexedDataset(Dataset):
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
-        kind = "in-memory" if self.array is not None else "files"
+        kind = ("memory-mapped" if self.memmapped else "in-memory") if self.array is not None else "files"
         return (f"IndexedDataset(spec={self.spec!r}, n={len(self)}, {kind}, channels={self.channels}, "
                 f"image_size={self.image_size}, classes={len(self.classes)})")

@@ -60,7 +60,7 @@ def _scan_dir(abs_dir: str) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
-def _walk(root: str, rel: str, names: list[str], dir_mtimes: dict[str, int], seen: set) -> None:
+def _walk(root: str, rel: str, names: list[str], dir_mtimes: dict[str, int], seen: set, bar=None) -> None:
     """Append the images under ``root/rel`` (recursively, files before sub-folders) to ``names``."""
     stack = [rel]
     while stack:
@@ -75,6 +75,8 @@ def _walk(root: str, rel: str, names: list[str], dir_mtimes: dict[str, int], see
         prefix = rel + os.sep if rel else ""
         names.extend(prefix + f for f in files)
         stack.extend(prefix + d for d in reversed(dirs))
+        if bar is not None:
+            bar.set(len(names))
 
 
 def _list_folder(root: str) -> FolderIndex:
@@ -86,10 +88,13 @@ def _list_folder(root: str) -> FolderIndex:
     seen = {(root_st.st_dev, root_st.st_ino)}
     names: list[str] = []
     counts: list[int] = []
-    for d in top_dirs:
-        before = len(names)
-        _walk(root, d, names, dir_mtimes, seen)
-        counts.append(len(names) - before)
+    from ..progress_bar import ProgressBar
+
+    with ProgressBar(None, f"listing {root}", unit="files") as bar:
+        for d in top_dirs:
+            before = len(names)
+            _walk(root, d, names, dir_mtimes, seen, bar)
+            counts.append(len(names) - before)
     ignored = {}
     if names:  # class sub-folders
         classes = list(top_dirs)

@@ -5,6 +5,7 @@ Spec forms::
     fashion-mnist[:train|:test]   mnist[:...]   cifar10[:...]   cifar100[:...]   (local files, see DEFAULT_ROOT)
     /path/to/folder               class sub-folders -> labels by sorted name; flat folder -> labels -1
     filelist:/path/list.txt       or any path ending in .txt / .csv
+    cache:/path/cache.h5          an image cache made by ``instdisc prepare`` (or any existing .h5 / .hdf5 file)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .dataset import IndexedDataset
 from .filelist import read_filelist
 from .filelist import save_scan as save_filelist_scan
 from .folder import index_folder
+from .geometry import GRAY_MEAN, GRAY_STD, MAX_SIZE, infer_geometry
 from .folder import save_scan as save_folder_scan
 from .images import IMG_EXTENSIONS, BadImage, find_bad_images
 from .idx import IDX_DATASETS, load_idx_split
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "/usr/share/datasets"  # named datasets default to DEFAULT_ROOT/<name>
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_FOLDER_SIZE = 224
+DEFAULT_FOLDER_SIZE = MAX_SIZE  # the cap of the inferred size of file datasets
 SPLITS = ("train", "test")
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 _ALIASES = {
@@ -47,11 +49,12 @@ _ALIASES = {
     "cifar100": "cifar100", "cifar-100": "cifar100", "cifar_100": "cifar100",
 }
 _LIST_SUFFIXES = (".txt", ".csv")
+_CACHE_SUFFIXES = (".h5", ".hdf5")
 
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str  # "named" | "folder" | "filelist"
+    kind: str  # "named" | "folder" | "filelist" | "cache"
     name: str | None = None  # canonical dataset name (kind "named")
     split: str | None = None  # "train" | "test" (kind "named")
     path: str | None = None  # folder or list file (other kinds)
@@ -71,6 +74,11 @@ def parse_spec(spec: str) -> Spec:
         if not path:
             raise InstdiscError(f"dataset spec {spec!r} names no file list; use filelist:PATH")
         return Spec("filelist", path=path)
+    if s.lower().startswith("cache:"):
+        path = os.path.expanduser(s[len("cache:"):].strip())
+        if not path:
+            raise InstdiscError(f"dataset spec {spec!r} names no cache file; use cache:PATH")
+        return Spec("cache", path=path)
     name, colon, split = s.partition(":")
     canonical = _ALIASES.get(name.lower())
     if canonical is not None:
@@ -86,7 +94,10 @@ def parse_spec(spec: str) -> Spec:
     if os.path.isfile(path):
         if path.lower().endswith(_LIST_SUFFIXES):
             return Spec("filelist", path=path)
-        raise InstdiscError(f"dataset spec {spec!r} is a file but not a .txt/.csv file list; use filelist:{s}")
+        if path.lower().endswith(_CACHE_SUFFIXES):
+            return Spec("cache", path=path)
+        raise InstdiscError(f"dataset spec {spec!r} is a file but not a .txt/.csv file list or .h5 image cache; use "
+                            f"filelist:{s}")
     if os.sep in s or s.startswith((".", "~")) or s.lower().endswith(_LIST_SUFFIXES):
         raise InstdiscError(f"dataset path not found: {path}")
     close = difflib.get_close_matches(name.lower(), list(_ALIASES), n=1, cutoff=0.6)
@@ -114,6 +125,14 @@ def _limit_indices(n: int, limit: int | None, spec: str) -> np.ndarray:
     if limit > n:
         raise InstdiscError(f"limit {limit} is larger than dataset {spec!r} ({n} images)")
     return np.sort(np.random.default_rng(0).choice(n, limit, replace=False)).astype(np.int64)
+
+
+def _check_channels(channels) -> int | None:
+    if channels is None:
+        return None
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
+        raise InstdiscError(f"channels must be 1 or 3, got {channels!r}")
+    return int(channels)
 
 
 def _check_image_size(image_size) -> int | None:
@@ -184,7 +203,7 @@ def _select_good(paths: PathTable, sel: np.ndarray, cached_bad: list[BadImage] |
     return keep
 
 
-def _files(spec_text: str, spec: Spec, limit, image_size, cache_dir, skip_bad_images) -> IndexedDataset:
+def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, skip_bad_images) -> IndexedDataset:
     if spec.kind == "folder":
         src = index_folder(spec.path, cache_dir=cache_dir)
         source, save = src.root, (lambda bad: save_folder_scan(src, bad))
@@ -197,13 +216,18 @@ def _files(spec_text: str, spec: Spec, limit, image_size, cache_dir, skip_bad_im
     sel = _limit_indices(n, limit, spec_text)
     sel = _select_good(src.paths, sel, src.bad, limit is None, save, source, skip_bad_images)
     paths = src.paths if len(sel) == n else src.paths.subset(sel)
-    return IndexedDataset(spec=spec_text, labels=src.labels[sel], classes=src.classes, channels=3,
-                          image_size=image_size or DEFAULT_FOLDER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          paths=paths, source_indices=sel)
+    geo = infer_geometry(paths, image_size=image_size, channels=channels)
+    log.info("image geometry of %s: %s", source, geo.reason)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if geo.channels == 3 else (GRAY_MEAN, GRAY_STD)
+    ds = IndexedDataset(spec=spec_text, labels=src.labels[sel], classes=src.classes, channels=geo.channels,
+                        image_size=geo.image_size, mean=mean, std=std, paths=paths, source_indices=sel)
+    ds.geometry = geo.to_dict()
+    ds.n_source = n
+    return ds
 
 
 def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limit: int | None = None,
-                  skip_bad_images: bool = False, image_size: int | None = None,
+                  skip_bad_images: bool = False, image_size: int | None = None, channels: int | None = None,
                   cache_dir: str | os.PathLike | None = None) -> IndexedDataset:
     """Build the dataset named by ``spec`` (see the module docstring).
 
@@ -213,18 +237,26 @@ def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limi
         files leave fewer than N samples (the same good files are chosen whether or not others are broken).
     skip_bad_images: drop unreadable files (logged) instead of raising InstdiscError (folders and file lists).
         Surviving samples are numbered 0..N-1; ``ds.source_indices`` maps them back to the listing.
-    image_size: side of the images the model sees (default 28 mnist-likes, 32 CIFAR, 224 files).
+    image_size: side of the images the model sees (default 28 mnist-likes, 32 CIFAR; files: inferred from a sample of
+        the images, see :mod:`instdisc.data.geometry`).
+    channels: 1 or 3 for files (default inferred: 1 when every sampled image is grayscale); in-memory datasets
+        keep their own.
     cache_dir: where folder indexes and bad-image scans are cached between runs.
     """
     limit = _check_limit(limit)
     image_size = _check_image_size(image_size)
+    channels = _check_channels(channels)
     parsed = parse_spec(spec)
     spec_text = spec.strip()
     cache_dir = None if cache_dir is None else os.path.expanduser(str(cache_dir))
     if parsed.kind == "named":
         ds = _named(spec_text, parsed, data_root, limit, image_size)
+    elif parsed.kind == "cache":
+        from .cache import open_cache
+
+        ds = open_cache(parsed.path, spec=spec_text, limit=limit, image_size=image_size, channels=channels)
     else:
-        ds = _files(spec_text, parsed, limit, image_size, cache_dir, skip_bad_images)
+        ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images)
     log.info("dataset %s: %d samples, %d classes, %d channels, image size %d", ds.spec, len(ds), len(ds.classes),
              ds.channels, ds.image_size)
     return ds

@@ -46,7 +46,10 @@ def eval_transform(ds) -> Callable:
     """
     size = ds.image_size
     native = getattr(ds, "native_size", None)
-    if getattr(ds, "array", None) is not None and native is not None:
+    crop = getattr(ds, "eval_crop", None)
+    if getattr(ds, "array", None) is not None and native is not None and crop:  # image caches
+        steps = [T.CenterCrop(max(1, round(native * crop))), T.Resize(size)]
+    elif getattr(ds, "array", None) is not None and native is not None:
         steps = [] if native == size else [T.Resize(size)]
     else:
         steps = [T.Resize(int(size * EVAL_RESIZE_RATIO)), T.CenterCrop(size)]

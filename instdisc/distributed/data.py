@@ -5,6 +5,10 @@ positive is local. Epoch e visits them in the order of the single-process permut
 rank's slots (same seed, same ``randperm``): the partition is fixed, shuffled anew every epoch, and every rank can
 tell every rank's order. ``--batch-size`` is the GLOBAL batch: each rank takes ``batch_size / W`` samples per step
 and an epoch has ``floor(N / W) // (batch_size / W)`` steps on every rank (the same count everywhere).
+
+Image caches: rank r gathers only the rows of its own slots from the memory map, so it reads only those pages.
+File datasets: DataLoader workers get the single-process Ctrl-C protection, and an image that cannot be read is
+reported to the run (``on_data_error``), which stops every rank at the same step boundary with a checkpoint.
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ def local_batch_size(global_batch: int, world: int) -> int:
 class ShardedBatches(_loop._Batches):
     """The loop's ``_Batches`` for one rank: yields (idx (B/W,) GLOBAL slots of this rank, [views]) per step."""
 
-    def __init__(self, cfg, ds, device: torch.device, use_batch_aug: bool, partition: StridedPartition):
+    def __init__(self, cfg, ds, device: torch.device, use_batch_aug: bool, partition: StridedPartition,
+                 on_data_error=None):
         super().__init__(cfg, ds, device, use_batch_aug)
         self.partition = partition
+        self.on_data_error = on_data_error  # (text) -> None: the run stops with every rank at this step boundary
         self.batch_size = local_batch_size(cfg.batch_size, partition.world)
         self.steps_per_epoch = partition.min_size // self.batch_size
         if self.steps_per_epoch < 1:
@@ -58,5 +64,13 @@ class ShardedBatches(_loop._Batches):
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
                                                  persistent_workers=False, worker_init_fn=init,
                                                  generator=workers_seed)
-            for xs, idx in loader:
-                yield idx, [x.to(self.device, non_blocking=True) for x in xs]
+            try:
+                for xs, idx in _loop._worker_batches(loader):  # Ctrl-C protection of the workers, as one process
+                    yield idx, [x.to(self.device, non_blocking=True) for x in xs]
+            except InstdiscError as e:
+                if self.on_data_error is None:
+                    raise
+                # every rank must reach the same step boundary to save: hand the loop a batch it will not use;
+                # its stop check (a collective) sees the error there on every rank
+                self.on_data_error(_loop.data_error_text(e))
+                yield None, None

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InstdiscError
-from ..features import extract_features
 from ..knn import build_index, knn_classify, prepare_features, search
 from ..training import loop as _loop
 from . import comm
@@ -96,13 +95,11 @@ class DistributedKnnMonitor(_loop._KnnMonitor):
         self.partition = partition
 
     def __call__(self, model) -> dict:
-        was = model.training
-        model.eval()
-        test = extract_features(model.embed, self.test_ds, device=self.device)
-        model.train(was)
+        q, q_labels = self._queries(model)
         shard = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()  # (n_r, D)
         owned = self.partition.owned().numpy()  # (n_r,) global slots
+        keep = self.train_labels[owned] >= 0  # (n_r,) labelled slots only vote
         coll = self.device if self.device.type == "cuda" else None
-        sims, ids = sharded_search(shard, owned, test.features, self.cfg.knn_k, device=coll)
-        res = knn_classify(sims, ids, self.train_labels, test.labels, tau=self.cfg.nce_t)
+        sims, ids = sharded_search(shard[keep], owned[keep], q, self.cfg.knn_k, device=coll)
+        res = knn_classify(sims, ids, self.train_labels, q_labels, tau=self.cfg.nce_t)
         return {"knn_top1": res["top1"], "knn_top5": res.get("top5")}

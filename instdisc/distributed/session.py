@@ -96,10 +96,42 @@ def _subset(ds, idx: np.ndarray):
 
     common = dict(spec=ds.spec, labels=ds.labels[idx], classes=ds.classes, channels=ds.channels,
                   image_size=ds.image_size, mean=ds.mean, std=ds.std)
+    if ds.array is not None and getattr(ds, "memmapped", False):  # an image cache: read the rows batch by batch
+        return _RowsOf(ds, idx)
     if ds.array is not None:
-        return IndexedDataset(array=ds.array[torch.from_numpy(idx)], **common)
+        out = IndexedDataset(array=ds.array[torch.from_numpy(idx)], **common)
+        out.eval_crop = getattr(ds, "eval_crop", None)
+        return out
     paths = ds.paths.subset(idx) if hasattr(ds.paths, "subset") else [ds.paths[i] for i in idx]
     return IndexedDataset(paths=paths, **common)
+
+
+class _RowsOf:
+    """Rows ``idx`` of a memory-mapped dataset for feature extraction, gathered per batch (``array[rows]``), so a
+    rank reads only its own slots' pages and never copies its shard whole."""
+
+    def __init__(self, ds, idx: np.ndarray):
+        self.ds, self.idx = ds, torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        self.labels = ds.labels[idx]
+        for k in ("spec", "classes", "channels", "image_size", "mean", "std", "eval_crop"):
+            setattr(self, k, getattr(ds, k, None))
+        self.array = _RowArray(ds.array, self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+class _RowArray:
+    """``a[rows]`` -> ``base[idx[rows]]``: the indexing ``features`` does on ``dataset.array``."""
+
+    def __init__(self, base: torch.Tensor, idx: torch.Tensor):
+        self.base, self.idx = base, idx
+
+    def __getitem__(self, rows):
+        return self.base[self.idx[torch.as_tensor(rows)]]  # (b, C, S, S) uint8
+
+    def __len__(self) -> int:
+        return len(self.idx)
 
 
 class DistributedRun:
@@ -219,7 +251,11 @@ class DistributedRun:
         return DDP(_Embedder(model.encoder, model.head), device_ids=ids)
 
     def batches(self, cfg, ds, device, use_batch_aug: bool) -> ShardedBatches:
-        return ShardedBatches(cfg, ds, device, use_batch_aug, self.partition)
+        self._data_error = None
+        return ShardedBatches(cfg, ds, device, use_batch_aug, self.partition, on_data_error=self._note_data_error)
+
+    def _note_data_error(self, text: str) -> None:
+        self._data_error = text
 
     @torch.no_grad()
     def init_bank_from_encoder(self, model: InstDiscModel, ds, batch_size: int) -> None:
@@ -229,7 +265,8 @@ class DistributedRun:
         was = model.training
         model.eval()
         mine = self._owned_dataset(ds)
-        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device)
+        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device,
+                                 desc=f"memory bank init (rank {self.rank})")
         model.objective.init_bank(torch.from_numpy(feats.features).to(self.device))
         model.train(was)
 
@@ -259,8 +296,21 @@ class DistributedRun:
         return t.tolist()
 
     def any_true(self, flag: bool) -> bool:
-        """True on every rank when it is True on any (e.g. a stop signal that reached one process)."""
-        return self._reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
+        """True on every rank when it is True on any (e.g. a stop signal that reached one process), or when any
+        rank could not read an image (the loop then saves at this step boundary and calls ``raise_data_error``)."""
+        mine = getattr(self, "_data_error", None) is not None
+        stop, bad = self._reduce([1.0 if flag else 0.0, 1.0 if mine else 0.0], dist.ReduceOp.MAX)
+        self._any_data_error = bad > 0
+        return stop > 0 or bad > 0
+
+    def raise_data_error(self, steps_done: int) -> None:
+        """After the stop checkpoint: InstdiscError on every rank when an image could not be read on any."""
+        from ..training.loop import data_error_message
+
+        if not getattr(self, "_any_data_error", False):
+            return
+        text = getattr(self, "_data_error", None) or "an image could not be read by another process"
+        raise InstdiscError(f"{data_error_message(text, steps_done)} (rank {self.rank})")
 
     def mean(self, value: float) -> float:
         """Mean over ranks (nan or inf anywhere makes it non-finite everywhere)."""
@@ -282,8 +332,9 @@ class DistributedRun:
         return sd
 
     def data_error(self, steps_done: int) -> None:
-        """The loop's "an image could not be read" save hook. A checkpoint is a collective that the other ranks
-        (busy in the step's collectives) cannot join, so nothing is saved: the run stops with the last checkpoint."""
+        """The loop's "an image could not be read" save hook, for errors that escape ``ShardedBatches`` (which
+        reports unreadable images through ``any_true`` so that all ranks save together). A checkpoint is a
+        collective that the other ranks cannot join here, so nothing is saved: the run stops with the last one."""
         import sys
 
         exc = sys.exc_info()[1]

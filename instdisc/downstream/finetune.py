@@ -98,7 +98,8 @@ def evaluate(model: FinetunedClassifier, ds, *, device, batch_size: int = 512, w
 
     was = model.training
     model.eval()
-    res = extract_features(model, ds, batch_size=batch_size, device=device, workers=workers)  # logits (N, C)
+    res = extract_features(model, ds, batch_size=batch_size, device=device, workers=workers,
+                           desc="finetune evaluation")  # logits (N, C)
     model.train(was)
     return topk_accuracy(torch.from_numpy(res.features), torch.from_numpy(res.labels))
 

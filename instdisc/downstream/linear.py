@@ -208,8 +208,10 @@ def linear_probe(model, train: str, test: str, *, layer: str = "encoder", optimi
     check_labelled(test_ds, "test")
     c = num_classes(train_ds, test_ds)
     t0 = time.perf_counter()
-    a = extract_features(fn, train_ds, batch_size=feature_batch_size, device=device, workers=workers)
-    b = extract_features(fn, test_ds, batch_size=feature_batch_size, device=device, workers=workers)
+    a = extract_features(fn, train_ds, batch_size=feature_batch_size, device=device, workers=workers,
+                         desc="linear-probe train features")
+    b = extract_features(fn, test_ds, batch_size=feature_batch_size, device=device, workers=workers,
+                         desc="linear-probe test features")
     t_feat = time.perf_counter() - t0
     log.info("features: %d train + %d test x %d in %.1fs", len(a.labels), len(b.labels), a.features.shape[1], t_feat)
     xa = torch.from_numpy(a.features).to(device)  # (N, D)

@@ -11,7 +11,8 @@ File layout (``FEATURES_FORMAT`` 1)::
     /paths           (N,) UTF-8 strings, only when the data are image files
     attributes: kind="instdisc-features", format_version, complete, n_written, n, dim, dtype, layer, normalised,
                 arch, model_kind, model_sha256, model_path, dataset_spec, dataset_fingerprint, dataset_limit (-1: none),
-                classes_json, image_size, mean, std, batch_size, compression, instdisc_version, created, completed
+                classes_json, image_size, channels, geometry_json (how a folder's size and channels were chosen,
+                "null" otherwise), mean, std, batch_size, compression, instdisc_version, created, completed
 
 Resume rule: rows are written in dataset order and ``n_written`` (rows known to be on disk) is advanced after the
 rows are flushed. A file with ``complete=False`` is refused by :func:`read_features`. Running the same export again
@@ -272,7 +273,8 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
         "model_kind": src.kind, "model_sha256": model_sha256(src), "model_path": str(Path(src.path).resolve()),
         "dataset_spec": str(ds.spec), "dataset_fingerprint": ds.fingerprint(),
         "dataset_limit": int(limit) if limit is not None else -1, "classes_json": json.dumps(list(ds.classes)),
-        "image_size": int(ds.image_size), "mean": np.asarray(ds.mean, dtype=np.float64),
+        "image_size": int(ds.image_size), "channels": int(ds.channels),
+        "geometry_json": json.dumps(getattr(ds, "geometry", None)), "mean": np.asarray(ds.mean, dtype=np.float64),
         "std": np.asarray(ds.std, dtype=np.float64), "batch_size": int(batch_size),
         "instdisc_version": __version__, "created": _now(), "completed": "", "complete": False, "n_written": 0,
     }
@@ -318,7 +320,8 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
             fd, lab, ind, sind = f["features"], f["labels"], f["indices"], f["source_indices"]
             pth = f["paths"] if "paths" in f else None
             for idx, feats in iter_feature_batches(fn, ds, start=start, batch_size=batch_size,
-                                                   device=torch.device(device), workers=workers):
+                                                   device=torch.device(device), workers=workers,
+                                                   desc=f"export-features {out.name}"):
                 s, e = int(idx[0]), int(idx[-1]) + 1  # idx (b,) consecutive rows s..e-1
                 if s != done or e - s != len(idx):
                     raise RuntimeError(f"feature batches out of order: got rows {s}..{e - 1}, expected {done}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -276,13 +277,16 @@ def build_index(
             ivf.clustering_index = clustering_index
         gen = rng if rng is not None else np.random.default_rng(0)
         rows = np.sort(gen.choice(n, size=train_size, replace=False)) if train_size < n else slice(None)
+        t0 = time.perf_counter()
         cpu_index.train(np.ascontiguousarray(x[rows]))  # (train_size, D)
+        log.info("%s index: k-means of %d cells on %d rows in %.1fs", kind, nlist, train_size,
+                 time.perf_counter() - t0)
         if clustering_index is not None:
             ivf.clustering_index = None
             del clustering_index
         ivf.nprobe = nprobe
 
-    cpu_index.add(x)
+    _add_rows(cpu_index, x, kind)
     index, res = cpu_index, None
     if on_gpu:
         try:
@@ -295,6 +299,21 @@ def build_index(
             on_gpu = False
     log.debug("built %s index: n=%d d=%d gpu=%s %s", kind, n, d, on_gpu, params)
     return KnnIndex(index=index, kind=kind, dim=d, ntotal=n, on_gpu=on_gpu, params=params, _gpu_resources=res)
+
+
+def _add_rows(cpu_index, x: np.ndarray, kind: str, chunk: int = 1 << 16) -> None:
+    """``cpu_index.add(x)`` in row chunks with a progress bar (HNSW: one call, its graph depends on the batching)."""
+    from ..progress_bar import ProgressBar
+
+    n = x.shape[0]
+    with ProgressBar(n, f"{kind} index of {n:,} rows", unit="rows") as bar:
+        if kind == "hnsw":
+            cpu_index.add(x)
+            bar.update(n)
+            return
+        for s in range(0, n, chunk):
+            cpu_index.add(x[s:s + chunk])  # (c, D)
+            bar.update(min(chunk, n - s))
 
 
 # ------------------------------------------------------------------------------------------------------ search

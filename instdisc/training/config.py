@@ -26,6 +26,7 @@ class TrainConfig:
     data_root: str | None = None
     limit: int | None = None
     image_size: int | None = None
+    channels: int | None = None        # folders / lists: 1 or 3 (default: inferred from the images)
     skip_bad_images: bool = False
     recipe: str = "fast"
     arch: str = "convnet-s-pool2"
@@ -137,6 +138,8 @@ class TrainConfig:
             bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
         if self.workers < 0:
             bad(f"--workers must be >= 0, got {self.workers}")
+        if self.channels not in (None, 1, 3):
+            bad(f"--channels must be 1 or 3, got {self.channels}")
         if self.limit is not None and self.limit < 1:
             bad(f"--limit must be >= 1, got {self.limit}")
         if self.knn_every and not self.knn_data:

@@ -117,19 +117,25 @@ class HealthProbe:
         return out
 
 
+def _num(record: dict, key: str) -> float:
+    """record[key] as a float; nan when absent or null (metrics.jsonl writes non-finite numbers as null)."""
+    value = record.get(key)
+    return float("nan") if value is None else float(value)
+
+
 def health_warnings(history: list[dict], dim: int) -> list[str]:
     """One-line warnings about the newest epoch record of ``history`` (epoch records, oldest first)."""
     if not history:
         return []
     out = []
     last = history[-1]
-    losses = [h.get("loss", float("nan")) for h in history[-3:]]
+    losses = [_num(h, "loss") for h in history[-3:]]
     if len(losses) == 3 and losses[0] < losses[1] < losses[2]:
         out.append(f"the epoch mean loss rose two epochs in a row ({losses[0]:.3f} -> {losses[1]:.3f} -> "
                    f"{losses[2]:.3f}); compare with the same run without bank negatives (--nce-k 0), try a lower "
                    f"--lr, or the default --positive view+bank if bank negatives share a softmax with fresh ones")
-    z_std, unif = last.get("z_std", float("nan")), last.get("uniformity", float("nan"))
-    prev = history[-2].get("uniformity", float("nan")) if len(history) > 1 else float("nan")
+    z_std, unif = _num(last, "z_std"), _num(last, "uniformity")
+    prev = _num(history[-2], "uniformity") if len(history) > 1 else float("nan")
     crowded = (math.isfinite(z_std) and z_std < COLLAPSE_Z_STD / math.sqrt(dim)) or (
         math.isfinite(unif) and unif > COLLAPSE_UNIFORMITY)
     # an untrained encoder's embeddings are crowded too: warn only while they crowd further (uniformity rising)

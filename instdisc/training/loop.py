@@ -145,9 +145,14 @@ class _Batches:
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment
             self.aug = BatchAugment(ds, scale=(cfg.crop_min, 1.0))
-            self.array = ds.array.to(device) if device.type == "cuda" else ds.array
+            on_disk = getattr(ds, "memmapped", False)  # an image cache is read from its memmap, batch by batch
+            self.array = ds.array.to(device) if device.type == "cuda" and not on_disk else ds.array
         else:
             self.transform = train_transform(ds, scale=(cfg.crop_min, 1.0))
+            if getattr(ds, "paths", None) is not None:  # JPEG draft: the smallest crop still has >= S source pixels
+                from ..data.images import DRAFT_MARGIN
+
+                self.ds = ds.with_draft(max(DRAFT_MARGIN, 1 / math.sqrt(cfg.crop_min)))
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, 1))
@@ -218,6 +223,22 @@ class _DataError(InstdiscError):
     """An image could not be read while training (e.g. deleted after the start-up scan)."""
 
 
+def data_error_text(e: BaseException) -> str:
+    """The one-line reason of an image that could not be read (DataLoader workers' wrapping removed)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
+        text = text.splitlines()[-1].strip()
+        head, sep, rest = text.partition(": ")
+        text = rest if sep and head.endswith("Error") else text
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def data_error_message(e: BaseException | str, done: int) -> str:
+    text = e if isinstance(e, str) else data_error_text(e)
+    return (f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a memory-bank slot), "
+            f"then continue with --resume")
+
+
 def _guarded(batches, start: int, save, stopping=lambda: False):
     """Yield from the batch iterator of an epoch that starts at step ``start``. When an image cannot be read, call
     ``save(steps_done)`` (every yielded batch was trained on: the state is at a step boundary) and raise a one-line
@@ -230,15 +251,8 @@ def _guarded(batches, start: int, save, stopping=lambda: False):
             yield item
             done += 1
     except InstdiscError as e:
-        text = str(e).strip()
-        if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
-            text = text.splitlines()[-1].strip()
-            head, sep, rest = text.partition(": ")
-            text = rest if sep and head.endswith("Error") else text
-        text = text.splitlines()[0] if text else type(e).__name__
         save(done)
-        raise _DataError(f"{text}; progress is saved at step {done} of this epoch: put the file back (it has a "
-                         f"memory-bank slot), then continue with --resume") from None
+        raise _DataError(data_error_message(e, done)) from None
     except RuntimeError as e:
         if not stopping():
             raise
@@ -305,7 +319,7 @@ def _checkpoint_bytes(model: torch.nn.Module, params: list) -> int:
 def _init_bank_from_encoder(model: InstDiscModel, ds, device, batch_size: int) -> None:
     was = model.training
     model.eval()
-    feats = extract_features(model.embed, ds, batch_size=batch_size, device=device)
+    feats = extract_features(model.embed, ds, batch_size=batch_size, device=device, desc="memory bank init")
     model.objective.init_bank(torch.from_numpy(feats.features).to(device))
     model.train(was)
 
@@ -337,7 +351,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     with contextlib.nullcontext() if dist is None else dist.local_main_first():  # [distributed] one lister per node
         ds = dataset if dataset is not None else build_dataset(
             cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
-            image_size=cfg.image_size, cache_dir=cache_dir)
+            image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir)
     n = len(ds)
     chosen = cfg.resolve_for_data(n)
     if chosen and (dist is None or dist.is_main):
@@ -347,7 +361,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     if use_batch_aug and getattr(ds, "array", None) is None:
         raise InstdiscError(f"--augment batch needs an in-memory dataset; {cfg.data} is read from files (use pil)")
     data_info = {"n": n, "spec": cfg.data, "channels": ds.channels, "image_size": ds.image_size,
-                 "mean": list(ds.mean), "std": list(ds.std), "fingerprint": ds.fingerprint()}
+                 "mean": list(ds.mean), "std": list(ds.std), "fingerprint": ds.fingerprint(),
+                 **({"geometry": ds.geometry} if getattr(ds, "geometry", None) else {})}
     if dist is None:
         model = build_seeded_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
     else:  # [distributed] same data on every rank; this rank's N/W bank rows only
@@ -356,6 +371,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     params = [p for p in model.parameters() if p.requires_grad]
 
     # Every check runs before anything is written: a refused run leaves the run directory as it was.
+    knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
+                   if cfg.knn_every else None)  # refuses a monitor that cannot work, before any step
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
     ckpt = None
@@ -437,8 +454,6 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
     progress = Progress(total_steps, cfg.batch_size, global_step)
     last_loss = float("nan")
     interrupted, stop_signal = False, None
-    knn_monitor = ((_KnnMonitor(cfg, ds, device) if dist is None else dist.knn_monitor(cfg, ds))
-                   if cfg.knn_every else None)
     log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s, %s",
              cfg.arch, n, cfg.data, cfg.epochs, spe, cfg.batch_size, device, "batch" if use_batch_aug else "pil",
              "bf16 autocast" if amp else "float32")
@@ -493,6 +508,8 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             if interrupted:
                 stop_signal = stop.signum
                 checkpoint(epoch, s_idx, losses, step_stats)
+                if dist is not None:
+                    dist.raise_data_error(s_idx)  # [distributed] an image became unreadable: saved, now stop
                 log.warning("stopped by signal %d: checkpoint saved at epoch %d step %d; continue with --resume",
                             stop_signal, epoch + 1, s_idx)
                 break
@@ -566,24 +583,49 @@ def _step_loss(model: InstDiscModel, views: list[torch.Tensor], idx: torch.Tenso
 
 
 class _KnnMonitor:
-    """InstDisc's training-time monitor: the bank as gallery, held-out images embedded with the eval transform."""
+    """InstDisc's training-time monitor: the bank as gallery, held-out images embedded with the eval transform.
+
+    Built before training starts, so a setting that cannot work is refused before any step: the held-out set is
+    built at the training data's image size and channels, and only labelled bank slots and labelled held-out images
+    take part (the rest are left out, with a log line saying how many)."""
 
     def __init__(self, cfg: TrainConfig, train_ds, device):
         from ..data import build_dataset as _build
 
         self.cfg, self.device = cfg, device
         self.train_labels = np.asarray(train_ds.labels)
-        self.test_ds = _build(cfg.knn_data, data_root=cfg.data_root)
-        if (self.train_labels < 0).all():
+        self.gallery_rows = np.flatnonzero(self.train_labels >= 0)  # (G,) bank slots that vote
+        if len(self.gallery_rows) == 0:
             raise InstdiscError("--knn-every needs labels in the training data")
+        if len(self.gallery_rows) < len(self.train_labels):
+            log.warning("kNN monitor: %d of %d training images are unlabeled; the gallery is the %d labelled bank "
+                        "slots", len(self.train_labels) - len(self.gallery_rows), len(self.train_labels),
+                        len(self.gallery_rows))
+        self.test_ds = _build(cfg.knn_data, data_root=cfg.data_root, image_size=train_ds.image_size,
+                              channels=train_ds.channels)
+        if self.test_ds.channels != train_ds.channels:
+            raise InstdiscError(f"--knn-data {cfg.knn_data} has {self.test_ds.channels}-channel images but the "
+                                f"training data has {train_ds.channels}")
+        test_labels = np.asarray(self.test_ds.labels)
+        self.query_rows = np.flatnonzero(test_labels >= 0)  # (Q,) held-out images that are scored
+        if len(self.query_rows) == 0:
+            raise InstdiscError(f"--knn-data {cfg.knn_data} has no labelled images (a kNN monitor needs labels)")
+        if len(self.query_rows) < len(test_labels):
+            log.warning("kNN monitor: %d of %d --knn-data images are unlabeled and are not scored",
+                        len(test_labels) - len(self.query_rows), len(test_labels))
+
+    def _queries(self, model: InstDiscModel):
+        was = model.training
+        model.eval()
+        test = extract_features(model.embed, self.test_ds, device=self.device, desc="kNN monitor features")
+        model.train(was)
+        return test.features[self.query_rows], test.labels[self.query_rows]  # (Q, D), (Q,)
 
     def __call__(self, model: InstDiscModel) -> dict:
         from ..knn import knn_evaluate
 
-        was = model.training
-        model.eval()
-        test = extract_features(model.embed, self.test_ds, device=self.device)
-        model.train(was)
-        bank = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()
-        res = knn_evaluate(bank, self.train_labels, test.features, test.labels, k=self.cfg.knn_k, tau=self.cfg.nce_t)
+        q, q_labels = self._queries(model)
+        bank = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()[self.gallery_rows]  # (G, D)
+        res = knn_evaluate(bank, self.train_labels[self.gallery_rows], q, q_labels, k=self.cfg.knn_k,
+                           tau=self.cfg.nce_t)
         return {"knn_top1": res["top1"], "knn_top5": res.get("top5")}

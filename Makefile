@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 DEMO_EPOCHS ?= 8
+DEMO_BATCH ?= 64
 
 .PHONY: setup demo test bench clean fashion-mnist
 
@@ -23,7 +24,7 @@ setup: $(BIN)/python
 demo: setup
 	@test -d /usr/share/datasets/fashion-mnist || $(MAKE) --no-print-directory fashion-mnist
 	rm -rf $(DEMO_DIR)
-	$(BIN)/instdisc train fashion-mnist:train --out $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
+	$(BIN)/instdisc train fashion-mnist:train --out $(DEMO_DIR) --epochs $(DEMO_EPOCHS) --batch-size $(DEMO_BATCH)
 	$(BIN)/instdisc compare $(DEMO_DIR) --train fashion-mnist:train --test fashion-mnist:test
 	$(BIN)/instdisc export-encoder $(DEMO_DIR) --out $(DEMO_DIR)/encoder --overwrite
 	$(BIN)/instdisc export-features $(DEMO_DIR)/encoder fashion-mnist:test --out $(DEMO_DIR)/features-test.h5 --overwrite

@@ -22,7 +22,9 @@ def test_plot_several_runs_against_epoch(run, tmp_path):
     r = invoke(["plot", run[0], other, "--x", "epoch", "--out", tmp_path / "c.png", "--title", "two recipes"])
     assert r.exit_code == 0, r.output
     assert "2 run(s)" in r.output and "knn" in r.output
-    assert png_stats(tmp_path / "c.png")[0] == curves_size(5)
+    panels = r.output.split("panels: ", 1)[1].splitlines()[0].split(", ")  # the run logs the health signals too
+    assert {"loss", "lr", "similarity", "knn", "geometry", "spread", "staleness", "bank_share"} <= set(panels)
+    assert png_stats(tmp_path / "c.png")[0] == curves_size(len(panels))
 
 
 def _empty_metrics(p):

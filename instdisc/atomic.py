@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import InstdiscError
+from .faultpoints import fault_point
 
 __all__ = ["fsync_dir", "atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir",
            "remove_stale_temps"]
@@ -35,8 +36,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> None:
-    """Call ``write_fn(f)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``."""
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None], *,
+                 event: str | None = None) -> None:
+    """Call ``write_fn(f)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
+
+    ``event``: test-only name prefix of this write's fault points (see :mod:`instdisc.faultpoints`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
@@ -44,6 +48,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter]
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        if event:  # test-only fault point: the temp file is complete and fsynced, not yet renamed
+            fault_point(f"{event}.temp_written", path=str(tmp))
         os.replace(tmp, path)
     except BaseException:
         if tmp.exists():
@@ -56,13 +62,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`; checks free space first."""
+def atomic_torch_save(obj, path: str | os.PathLike, *, event: str | None = None) -> None:
+    """``torch.save`` through :func:`atomic_write`; checks free space first. ``event``: as in :func:`atomic_write`."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getbuffer()
     check_free_space(Path(path).parent, len(data))
-    atomic_write(path, lambda f: f.write(data))
+
+    def write(f):
+        half = len(data) // 2
+        f.write(data[:half])
+        if event:  # test-only fault point: the temp file is half written (and fsynced)
+            fault_point(f"{event}.temp_partial", file=f, path=f.name, bytes_written=half, bytes_total=len(data))
+        f.write(data[half:])
+
+    atomic_write(path, write, event=event)
 
 
 def check_free_space(directory: str | os.PathLike, nbytes: int, margin: float = 1.1) -> None:

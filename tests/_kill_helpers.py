@@ -6,13 +6,14 @@ it is safe). Each child is an ordinary OS process that calls the CLI's entry poi
 pid, its own session (``setsid``: a signal to its process group reaches it and its DataLoader workers, as Ctrl-C in a
 terminal does) and stdout/stderr in a log file.
 
-Optional test hooks live here, in the child, never in the library:
+Optional test hooks:
 
-* every ``os.replace`` onto ``checkpoint.pt`` first appends a line to ``<log>.saves`` (the temp file is then complete
-  and fsynced), so a test can count saves; with ``slow_save`` it then sleeps that long, so a test can kill the process
-  *inside* a checkpoint write, between the temp file and the rename.
-* ``slow_step``: every training step sleeps this long, so a signal sent after step k lands well before the run ends;
-  ``slow={"module:function": seconds}`` does the same for any function (per item for a generator function).
+* ``env``: variables set in the child before the command runs, e.g. the library's test-only fault injection
+  (``instdisc/faultpoints.py``, docs/reliability.md): ``kill_at("checkpoint.temp_written:2", hits)`` makes the
+  process SIGKILL itself at that event and record it in ``hits`` (read back with :func:`read_hits`), so each crash
+  case is hit every time; ``INSTDISC_TEST_STEP_SLEEP`` slows every training step.
+* ``slow={"module:function": seconds}``: that function sleeps this long before each call (per item for a generator
+  function).
 * ``start_method``: how the child starts DataLoader workers (default: the platform's, as a real ``instdisc``).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["CliProcess", "assert_bitwise_equal", "metrics_records", "snapshot", "wait_for"]
+__all__ = ["CliProcess", "assert_bitwise_equal", "kill_at", "metrics_records", "read_hits", "snapshot", "wait_for"]
 
 _CTX = None
 _PLATFORM_START_METHOD = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
@@ -58,9 +59,9 @@ def _slow_down(target: str, seconds: float) -> None:
     setattr(mod, attr, slowed)
 
 
-def _child(args: list[str], log_path: str, slow_save: float, slow: dict, threads: int,
-           start_method: str | None) -> None:
+def _child(args: list[str], log_path: str, env: dict, slow: dict, threads: int, start_method: str | None) -> None:
     os.setsid()
+    os.environ.update(env)  # before the first fault point reads it (instdisc.faultpoints reads it once per process)
     # A child of the forkserver inherits its start method; a real `instdisc` process starts DataLoader workers with
     # the platform default (fork on Linux before Python 3.14), which is also what keeps worker start-up cheap here.
     multiprocessing.set_start_method(start_method or _PLATFORM_START_METHOD, force=True)
@@ -72,18 +73,6 @@ def _child(args: list[str], log_path: str, slow_save: float, slow: dict, threads
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    real_replace = os.replace
-    saves = log_path + ".saves"
-
-    def tracked_replace(src, dst, *a, **kw):
-        if os.path.basename(os.fspath(dst)) == "checkpoint.pt":
-            with open(saves, "a") as f:
-                f.write(f"{os.fspath(src)}\n")
-            if slow_save:
-                time.sleep(slow_save)
-        return real_replace(src, dst, *a, **kw)
-
-    os.replace = tracked_replace
     for target, seconds in (slow or {}).items():
         _slow_down(target, seconds)
     from instdisc_cli.main import cli
@@ -91,22 +80,32 @@ def _child(args: list[str], log_path: str, slow_save: float, slow: dict, threads
     cli.main(args=list(args), prog_name="instdisc")  # raises SystemExit(status); multiprocessing uses it as exitcode
 
 
+def kill_at(spec: str, hits: Path, **more: str) -> dict[str, str]:
+    """The environment that makes an instdisc process SIGKILL itself at ``spec`` ("EVENT[:N]", see
+    instdisc/faultpoints.py) after appending the event it hit to ``hits``."""
+    from instdisc.faultpoints import ENV_KILL_AT, ENV_KILL_LOG
+
+    return {ENV_KILL_AT: spec, ENV_KILL_LOG: str(hits), **more}
+
+
+def read_hits(hits: Path) -> list[dict]:
+    """The events recorded by killed processes (one JSON object a line: event, index, pid and the event's context)."""
+    import json
+
+    return [json.loads(x) for x in Path(hits).read_text().splitlines()] if Path(hits).exists() else []
+
+
 class CliProcess:
     """``instdisc ARGS`` in a forked child (see the module docstring). ``exitcode`` is -9 after SIGKILL."""
 
-    def __init__(self, args: list[str], log: Path, *, slow_save: float = 0.0, slow_step: float = 0.0,
+    def __init__(self, args: list[str], log: Path, *, env: dict[str, str] | None = None,
                  slow: dict[str, float] | None = None, threads: int = 1, start_method: str | None = None):
         self.log = Path(log)
-        self.saves = Path(str(log) + ".saves")
-        for p in (self.log, self.saves):
-            if p.exists():
-                p.unlink()
-        slow = dict(slow or {})
-        if slow_step:
-            slow["instdisc.training.loop:_step_loss"] = slow_step
+        if self.log.exists():
+            self.log.unlink()
         self.t0 = time.monotonic()
-        self.proc = _context().Process(target=_child, args=([str(a) for a in args], str(self.log), slow_save,
-                                                            slow, threads, start_method))
+        self.proc = _context().Process(target=_child, args=([str(a) for a in args], str(self.log), dict(env or {}),
+                                                            dict(slow or {}), threads, start_method))
         self.proc.start()
 
     @property
@@ -115,9 +114,6 @@ class CliProcess:
 
     def alive(self) -> bool:
         return self.proc.is_alive()
-
-    def n_saves(self) -> int:
-        return len(self.saves.read_text().splitlines()) if self.saves.exists() else 0
 
     def kill(self) -> None:
         self.proc.kill()

@@ -1,5 +1,9 @@
 """kill -9 during ``export-features`` (the re-run resumes and the file ends identical) and ``export-encoder`` (the
 output is complete or absent). Issue 6, "Crashes"; exercises instdisc/export/hdf5.py and atomic_dir.py.
+
+The kills are deterministic: each process SIGKILLs itself at a named event (the library's test-only fault points,
+instdisc/faultpoints.py) and the test checks which event it hit; the encoder test adds kills at random moments, with
+assertions that hold wherever they land.
 """
 import random
 import time
@@ -8,11 +12,15 @@ import h5py
 import numpy as np
 import pytest
 
-from _kill_helpers import CliProcess, wait_for
+from _kill_helpers import CliProcess, kill_at, read_hits, wait_for
 from conftest import make_fake_mnist
 from instdisc.export import read_export, read_features
 
-SLOW_BATCH = {"instdisc.features:iter_feature_batches": 0.05}  # 60 batches: ~3 s of writing to land kills in
+# 60 batches of 50 rows. n_written is flushed every 2 s: with each batch taking at least 0.2 s, a flush comes within
+# at most 10 batches, so 5 runs killed at their first flush each find >= 10 batches left and each flush (and is
+# killed) for sure.
+SLOW_BATCH = {"instdisc.features:iter_feature_batches": 0.2}
+N_ROWS, BATCH = 3000, 50
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +40,25 @@ def test_sigkill_export_features_then_rerun_ends_identical(trained, tmp_path):
     ref = CliProcess(base + ["--out", tmp_path / "ref.h5"], tmp_path / "ref.log")
     assert ref.wait() == 0, ref.output()
 
-    out, rng = tmp_path / "f.h5", random.Random(6)
-    kills = 0
-    for i in range(9):
-        p = CliProcess(base + ["--out", out], tmp_path / f"k{i}.log", slow=SLOW_BATCH)
-        time.sleep(rng.uniform(0, 2.5))
-        p.kill()
+    out, hits = tmp_path / "f.h5", tmp_path / "hits.jsonl"
+    written = [0]  # n_written in the file after each kill
+    for i in range(5):
+        p = CliProcess(base + ["--out", out], tmp_path / f"k{i}.log", slow=SLOW_BATCH, env=kill_at("hdf5.flush:1", hits))
+        assert p.wait() == -9, p.output()
         assert "Traceback" not in p.output(), p.output()
-        assert p.proc.exitcode in (-9, 0), p.output()
-        if p.proc.exitcode == 0:  # it finished before the kill
-            break
-        kills += 1
-        if out.exists():
-            with h5py.File(out, "r") as f:  # still a readable HDF5 file after every kill
-                if f.attrs["complete"]:
-                    break
-    else:
-        last = CliProcess(base + ["--out", out], tmp_path / "final.log")
-        assert last.wait() == 0, last.output()
-    assert kills >= 5, kills
+        hit = read_hits(hits)[-1]
+        assert (hit["event"], hit["index"], hit["pid"]) == ("hdf5.flush", 1, p.pid), hit
+        if i:  # it resumed from the rows the previous run had flushed
+            assert f"resuming {out}: {written[-1]} of {N_ROWS} rows were written" in p.output(), p.output()
+        with h5py.File(out, "r") as f:  # still a readable HDF5 file after every kill, its counter flushed
+            assert not f.attrs["complete"]
+            assert int(f.attrs["n_written"]) == hit["rows"]
+        assert written[-1] < hit["rows"] < N_ROWS and hit["rows"] % BATCH == 0, (written, hit)
+        written.append(hit["rows"])
+    last = CliProcess(base + ["--out", out], tmp_path / "final.log")
+    assert last.wait() == 0, last.output()
+    assert f"resumed after {written[-1]} rows" in last.output(), last.output()
+    assert written[-1] > 0  # so the resume path ran from a non-zero n_written, six times
     assert sorted(x.name for x in tmp_path.iterdir() if ".tmp-" in x.name) == []
 
     fa, la, ia, attrs_a = read_features(tmp_path / "ref.h5")
@@ -67,26 +75,59 @@ def test_sigkill_export_features_then_rerun_ends_identical(trained, tmp_path):
 
 def test_sigkill_export_encoder_leaves_complete_or_absent(trained, tmp_path):
     _, run = trained
-    out = tmp_path / "enc"
+    out, hits = tmp_path / "enc", tmp_path / "hits.jsonl"
     ref = CliProcess(["export-encoder", run, "--out", tmp_path / "ref", "--with-head"], tmp_path / "ref.log")
     assert ref.wait() == 0, ref.output()
     span = time.monotonic() - ref.t0
-    rng = random.Random(6)
+
+    def leftovers():
+        return sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".enc."))
+
+    def check_complete(path):  # every file present and matching metadata.json's hashes
+        encoder, head, meta = read_export(path)
+        assert head is not None and meta["has_head"]
+
+    # Each crash window of atomic_directory, hit every time: (kill at, overwrite, out afterwards, left beside it).
+    cases = [
+        ("atomic_dir.temp_complete", False, "absent", ["tmp"]),  # a new folder, complete, not yet renamed
+        (None, False, "complete", []),  # (an export that finishes)
+        ("atomic_dir.temp_complete", True, "complete", ["tmp"]),  # the old folder is still in place
+        ("atomic_dir.old_moved", True, "absent", ["old", "tmp"]),  # old folder moved aside, the new one not in place
+        ("atomic_dir.temp_complete", True, "complete", ["tmp"]),  # the next export put the old folder back first
+        ("atomic_dir.old_moved", True, "absent", ["old", "tmp"]),
+        ("atomic_dir.old_moved", True, "absent", ["old", "tmp"]),
+    ]
     kills = 0
-    for i in range(10):
+    for i, (spec, overwrite, state, left) in enumerate(cases):
+        args = ["export-encoder", run, "--out", out, "--with-head", *(["--overwrite"] if overwrite else [])]
+        p = CliProcess(args, tmp_path / f"d{i}.log", env=kill_at(spec, hits) if spec else None)
+        assert p.wait() == (-9 if spec else 0), p.output()
+        if spec:
+            kills += 1
+            hit = read_hits(hits)[-1]
+            assert (hit["event"], hit["pid"]) == (spec, p.pid), hit
+            assert hit["path"] == str(tmp_path / f".enc.{left[0]}-{p.pid}")
+            # Complete folders beside the target, only this process's: what earlier kills left was tidied.
+            assert leftovers() == [f".enc.{x}-{p.pid}" for x in left]
+            for x in leftovers():
+                check_complete(tmp_path / x)
+        assert out.exists() == (state == "complete")
+        if out.exists():
+            check_complete(out)
+
+    rng = random.Random(6)
+    for i in range(6):  # and at random moments: complete or absent wherever the kill lands
         p = CliProcess(["export-encoder", run, "--out", out, "--with-head", "--overwrite"], tmp_path / f"k{i}.log")
         time.sleep(rng.uniform(0, span))
         p.kill()
         assert p.proc.exitcode in (-9, 0), p.output()
-        kills += p.proc.exitcode == -9
-        if out.exists():  # complete: every file present and matching metadata.json's hashes
-            encoder, head, meta = read_export(out)
-            assert head is not None and meta["has_head"]
+        if out.exists():
+            check_complete(out)
     assert kills >= 5
-    if not out.exists():
-        last = CliProcess(["export-encoder", run, "--out", out, "--with-head"], tmp_path / "final.log")
-        assert last.wait() == 0, last.output()
-    read_export(out)
+    last = CliProcess(["export-encoder", run, "--out", out, "--with-head", "--overwrite"], tmp_path / "final.log")
+    assert last.wait() == 0, last.output()
+    check_complete(out)
+    assert leftovers() == []
 
 
 def test_killed_export_encoder_temp_folder_is_cleaned_by_next_export(trained, tmp_path):

@@ -2,6 +2,10 @@
 
 Covers the signal path of instdisc/training/loop.py (``_StopFlag``, DataLoader workers ignoring SIGINT) and the exit
 status of cli/train.py. The SIGTERM test runs the installed ``instdisc`` console script as a plain subprocess.
+
+The signalled runs do not race the test: every step sleeps (the test-only ``INSTDISC_TEST_STEP_SLEEP`` of
+instdisc/faultpoints.py), so the signal sent after step k arrives many seconds before such a run could end, and the
+run, stopped at once, costs little.
 """
 import os
 import signal
@@ -14,9 +18,11 @@ import pytest
 
 from _image_helpers import make_mixed_folder
 from _kill_helpers import CliProcess, assert_bitwise_equal, metrics_records, wait_for
+from instdisc.faultpoints import ENV_STEP_SLEEP
 from instdisc.training.checkpoint import read_checkpoint
 
 INSTDISC = Path(sys.executable).with_name("instdisc")
+SLOW_STEPS = {ENV_STEP_SLEEP: "1.0"}  # a second a step: the signal after step k leaves the run >= 9 s to go
 
 
 def mnist_args(root, out, *extra, epochs=8):
@@ -42,7 +48,7 @@ def test_sigterm_saves_at_step_boundary_and_resumes_exactly(fake_mnist, tmp_path
     assert ref.wait() == 0, ref.output()
 
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # one torch thread, as in the reference: bitwise comparable
+    env = dict(os.environ, OMP_NUM_THREADS="1", **SLOW_STEPS)  # one torch thread, as in the reference: bitwise
     with open(tmp_path / "out.txt", "wb") as out, open(tmp_path / "err.txt", "wb") as err:
         proc = subprocess.Popen([str(INSTDISC), *mnist_args(fake_mnist, run)], stdout=out, stderr=err, env=env)
         try:
@@ -75,7 +81,7 @@ def test_ctrl_c_to_process_group_with_dataloader_workers(tmp_path, start_method)
     args = ["train", str(folder), "--arch", "convnet-tiny", "--image-size", "32", "--batch-size", "8", "--nce-k",
             "16", "--low-dim", "8", "--log-every", "1", "--epochs", "2", "--workers", "1", "--augment", "pil"]
     run = tmp_path / "run"
-    p = CliProcess(args + ["--out", str(run)], tmp_path / "run.log", slow_step=0.1, start_method=start_method)
+    p = CliProcess(args + ["--out", str(run)], tmp_path / "run.log", env=SLOW_STEPS, start_method=start_method)
     wait_for(lambda: steps_logged(run) >= 2 or not p.alive(), timeout=120, what="2 steps")
     p.signal_group(signal.SIGINT)
     assert p.wait() == 128 + signal.SIGINT, p.output()

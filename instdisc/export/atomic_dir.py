@@ -14,6 +14,7 @@ from typing import Iterator
 
 from ..atomic import check_writable_dir, fsync_dir
 from ..errors import InstdiscError
+from ..faultpoints import fault_point
 
 __all__ = ["atomic_directory", "check_can_replace", "clean_stale_siblings", "pid_alive"]
 
@@ -91,12 +92,14 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, what: s
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
+        fault_point("atomic_dir.temp_complete", path=str(tmp))  # test-only (instdisc.faultpoints): before rename
         old = None
         if out.exists():
             if not overwrite:  # appeared while we were writing
                 raise InstdiscError(f"{what} {out} appeared while writing; pass --overwrite to replace it")
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
+            fault_point("atomic_dir.old_moved", path=str(old))  # test-only: old folder aside, new one not in place
         try:
             os.replace(tmp, out)
         except OSError:

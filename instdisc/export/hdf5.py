@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InstdiscError
+from ..faultpoints import fault_point
 from ..version import FEATURES_FORMAT, __version__
 
 __all__ = ["export_features", "read_features", "read_features_attrs", "model_sha256", "FeatureExportResult",
@@ -345,6 +346,7 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
                     f.flush()  # rows reach the file before the counter says they are there
                     f.attrs["n_written"] = done
                     f.flush()
+                    fault_point("hdf5.flush", rows=done)  # test-only (instdisc.faultpoints): kill after a flush
                     last_flush = now
                 if now - last_log >= 10:
                     log.info("export %s: %d/%d rows, %.0f rows/s", out, done, n, computed / (now - t0))

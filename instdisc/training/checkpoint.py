@@ -29,7 +29,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     payload["format_version"] = CHECKPOINT_FORMAT
     payload["instdisc_version"] = __version__
     payload["kind"] = "instdisc-checkpoint"
-    atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path, event="checkpoint")  # event: test-only fault points (instdisc.faultpoints)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

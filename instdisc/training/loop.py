@@ -28,6 +28,7 @@ from ..atomic import atomic_write_text, check_free_space, check_writable_dir, re
 from ..data import build_dataset
 from ..data.transforms import TwoView, train_transform
 from ..errors import InstdiscError
+from ..faultpoints import fault_point
 from ..features import extract_features
 from ..method import InstDiscModel, build_model
 from ..seeding import get_rng_state, seed_everything, set_rng_state
@@ -435,6 +436,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             else:  # [distributed] every rank embeds its own slots
                 dist.init_bank_from_encoder(model, ds, max(256, cfg.batch_size))
             log.info("memory bank initialised from the untrained encoder in %.1fs", time.perf_counter() - t0)
+        fault_point("train.before_first_checkpoint")  # test-only (instdisc.faultpoints): a kill before any save
 
     stop = stop_flag or _StopFlag()
 
@@ -501,6 +503,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
                              epoch + 1, cfg.epochs, s_idx + 1, spe, last_loss, lr, sps, ips, format_eta(eta))
                     metrics.write({"type": "step", "epoch": epoch + 1, "step": s_idx + 1, "global_step": global_step,
                                    "lr": lr, "steps_per_s": sps, "images_per_s": ips, "eta_s": eta, **stats})
+                fault_point("train.step", index=global_step)  # test-only: kill (or slow) after step, before its save
                 if cfg.save_every and global_step % cfg.save_every == 0 and s_idx + 1 < spe:
                     checkpoint(epoch, s_idx + 1, losses, step_stats)
             else:

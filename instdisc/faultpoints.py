@@ -24,6 +24,7 @@ Events (where :func:`fault_point` is called):
 * ``checkpoint.temp_written``: the temp checkpoint is complete and fsynced; the rename onto ``checkpoint.pt`` has
   not happened.
 * ``hdf5.flush``: ``export-features`` flushed its rows and then ``n_written`` to the file (ctx ``rows``).
+* ``prepare.flush``: ``prepare`` flushed a chunk of decoded images and then ``n_written`` (ctx ``rows``).
 * ``atomic_dir.temp_complete``: an output folder (e.g. ``export-encoder``) is complete and fsynced beside its final
   name, not yet renamed; ``atomic_dir.old_moved``: the old folder of an ``--overwrite`` was moved aside, the new one
   not yet renamed into place.

@@ -181,36 +181,37 @@ def test_cache_trains_on_the_batch_path_with_the_folder_slots(tmp_path):
 
 
 def test_sigkill_prepare_then_rerun_ends_identical(tmp_path):
-    """``kill -9`` at random moments of ``instdisc prepare``; re-running the same command continues the file, which
-    ends byte-identical to an uninterrupted one (and is a readable HDF5 file after every kill)."""
+    """``kill -9`` right after the 1st, then the 2nd flush of each run of ``instdisc prepare`` (the test-only fault
+    point ``prepare.flush``), and once at a random moment; re-running the same command continues the file from its
+    ``n_written``, which ends byte-identical to an uninterrupted one (and is a readable HDF5 file after every kill)."""
     import random
     import time
 
-    from _kill_helpers import CliProcess
+    from _kill_helpers import CliProcess, kill_at, read_hits
 
     src = make_folder(tmp_path / "src")
     base = ["prepare", src, "--chunk-rows", "2", "--workers", "1"]
     ref = CliProcess(base + ["--out", tmp_path / "ref.h5"], tmp_path / "ref.log")
     assert ref.wait() == 0, ref.output()
-    out, rng, kills = tmp_path / "c.h5", random.Random(3), 0
-    for i in range(12):
-        p = CliProcess(base + ["--out", out], tmp_path / f"k{i}.log", slow={"instdisc.data.prepare:_decode_block": 0.15})
-        time.sleep(rng.uniform(0.2, 1.5))
-        p.kill()
+    out, hits, written = tmp_path / "c.h5", tmp_path / "hits.jsonl", []
+    for i, spec in enumerate(["prepare.flush:1", "prepare.flush:2", "prepare.flush:1"]):
+        p = CliProcess(base + ["--out", out], tmp_path / f"k{i}.log", env=kill_at(spec, hits))
+        assert p.wait() == -9, p.output()  # killed itself at the event, every time
         assert "Traceback" not in p.output(), p.output()
-        if p.proc.exitcode == 0:
-            break
-        kills += 1
-        if out.exists():
-            with h5py.File(out, "r") as f:
-                if f.attrs["complete"]:
-                    break
-    else:
-        last = CliProcess(base + ["--out", out], tmp_path / "final.log")
-        assert last.wait() == 0, last.output()
-    assert kills >= 3, kills
-    if not _contents(out)[1]["complete"]:
-        last = CliProcess(base + ["--out", out], tmp_path / "final.log")
-        assert last.wait() == 0, last.output()
+        with h5py.File(out, "r") as f:  # a readable file, not complete, holding what the kill left
+            assert not f.attrs["complete"]
+            written.append(int(f.attrs["n_written"]))
+    events = read_hits(hits)
+    assert [e["event"] for e in events] == ["prepare.flush"] * 3
+    # each run resumed where the last one stopped: 1 chunk, then 2 more, then 1 more (2 rows a chunk)
+    assert written == [2, 6, 8] and [e["rows"] for e in events] == written
+    # one kill at a random moment too, wherever it lands (the file must stay usable)
+    p = CliProcess(base + ["--out", out], tmp_path / "r.log", slow={"instdisc.data.prepare:_decode_block": 0.15})
+    time.sleep(random.Random(3).uniform(0.2, 1.0))
+    p.kill()
+    assert "Traceback" not in p.output(), p.output()
+    last = CliProcess(base + ["--out", out], tmp_path / "final.log")
+    assert last.wait() == 0, last.output()
+    assert _contents(out)[1]["complete"]
     assert not [x for x in tmp_path.iterdir() if ".tmp-" in x.name]
     assert (tmp_path / "ref.h5").read_bytes() == out.read_bytes()

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InstdiscError
+from ..faultpoints import fault_point
 from ..version import __version__
 from .cache import CACHE_FORMAT, CACHE_KIND, read_cache_attrs
 from .images import RESIZE_RULE, decode_square
@@ -203,6 +204,7 @@ def prepare_cache(data, out: str | os.PathLike, *, image_size: int | None = None
                 f.flush()  # the rows reach the file before the counter says they are there
                 f.attrs["n_written"] = rows.stop
                 f.flush()
+                fault_point("prepare.flush", rows=rows.stop)  # test-only (instdisc.faultpoints): kill after a flush
                 done = rows.stop
                 bar.update(len(rows))
             f.attrs["complete"] = True

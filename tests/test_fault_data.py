@@ -118,3 +118,41 @@ def test_file_deleted_mid_run_is_named_progress_kept_and_resume_exact(tmp_path, 
     for key in ("model", "optimizer", "rng", "epoch", "step", "epoch_losses"):
         assert_bitwise_equal(a[key], b[key], key)
     assert metrics_records(run) == metrics_records(tmp_path / "ref")
+
+
+def test_file_unreadable_at_the_epochs_health_probe_is_saved_and_resume_exact(tmp_path, monkeypatch):
+    """An image that goes away after the epoch's last step, when the training-health probe reads it: the epoch's
+    steps are saved (step = steps per epoch), the error names the file, and --resume closes the epoch exactly as an
+    uninterrupted run does (its epoch record included)."""
+    folder = make_mixed_folder(tmp_path / "imgs", n_per_class=8)
+    args = ["--epochs", "2"]
+    r = invoke(folder_args(folder, tmp_path / "ref", *args))
+    assert r.exit_code == 0, r.output
+
+    victim = folder / "b" / "003.png"
+    real_probe = loop.HealthProbe.__call__
+
+    def vanish_first(self, model, epoch, **kw):
+        if epoch == 1 and victim.exists():
+            shutil.move(victim, tmp_path / "moved-away.png")
+        return real_probe(self, model, epoch, **kw)
+
+    monkeypatch.setattr(loop.HealthProbe, "__call__", vanish_first)
+    run = tmp_path / "run"
+    r = invoke(folder_args(folder, run, *args))
+    assert r.exit_code == 2, r.output
+    err = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in r.output, r.output
+    assert f"cannot read image {victim}: file not found" in err[0]
+    assert "progress is saved at step 3 of this epoch" in err[0] and "--resume" in err[0]  # 24 images / 8
+    saved = read_checkpoint(run)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["step"]) == (0, 3, 3)
+
+    monkeypatch.setattr(loop.HealthProbe, "__call__", real_probe)
+    shutil.move(tmp_path / "moved-away.png", victim)
+    r = invoke(folder_args(folder, run, *args, "--resume"))
+    assert r.exit_code == 0, r.output
+    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(run)
+    for key in ("model", "optimizer", "rng", "epoch", "step", "epoch_losses"):
+        assert_bitwise_equal(a[key], b[key], key)
+    assert metrics_records(run) == metrics_records(tmp_path / "ref")

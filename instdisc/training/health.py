@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..data.batch_aug import BatchAugment, batch_eval
 from ..data.transforms import eval_transform, train_transform
-from ..errors import InstdiscError
 from ..seeding import mix_seed
 
 __all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY"]
@@ -76,31 +75,20 @@ class HealthProbe:
         else:
             self.eval_t, self.train_t = eval_transform(ds), train_transform(ds, scale=(crop_min, 1.0))
 
-    def _inputs(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(eval view, augmented view a, augmented view b), each P' x C x S x S float32 on the device, and the
-        (P,) mask of the probe slots they are (a file that cannot be read any more is left out: the run's own
-        batches report it, with a checkpoint; the probe must not be what stops a run)."""
+    def _inputs(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eval view, augmented view a, augmented view b), each P x C x S x S float32 on the device."""
         idx = self.slots
         if self.array is not None:
             x = self.array[idx.to(self.array.device)].to(self.device)  # P x C x H x W uint8
             g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, _SALT_VIEWS, epoch))
-            ok = torch.ones(idx.shape[0], dtype=torch.bool)
-            return batch_eval(x, self.ds), self.aug(x, generator=g), self.aug(x, generator=g), ok
-        imgs, ok = [], torch.zeros(idx.shape[0], dtype=torch.bool)
-        for i, j in enumerate(idx.tolist()):
-            try:
-                imgs.append(self.ds.load_image(int(j)))
-                ok[i] = True
-            except InstdiscError:
-                continue
-        if not imgs:
-            return None, None, None, ok
+            return batch_eval(x, self.ds), self.aug(x, generator=g), self.aug(x, generator=g)
+        imgs = [self.ds.load_image(int(j)) for j in idx]
         with torch.random.fork_rng(devices=[]):  # PIL transforms draw from the global RNG
             torch.manual_seed(mix_seed(self.seed, _SALT_VIEWS, epoch))
             a = torch.stack([self.train_t(im) for im in imgs])
             b = torch.stack([self.train_t(im) for im in imgs])
         e = torch.stack([self.eval_t(im) for im in imgs])
-        return e.to(self.device), a.to(self.device), b.to(self.device), ok
+        return e.to(self.device), a.to(self.device), b.to(self.device)
 
     @torch.no_grad()
     def __call__(self, model, epoch: int, *, rows: torch.Tensor | None = None,
@@ -109,23 +97,20 @@ class HealthProbe:
         (default: the slots themselves; a sharded bank passes its local rows and the ``slots`` it owns)."""
         if slots is not None and slots.numel() == 0:
             return {}
-        keep = torch.ones_like(self.slots, dtype=torch.bool) if slots is None else torch.isin(
-            self.slots, slots.to(self.slots.device))  # (P,) the slots asked for
+        keep = None if slots is None else torch.isin(self.slots, slots.to(self.slots.device))
         was = model.training
         model.eval()
         try:
-            e, a, b, ok = self._inputs(epoch)
-            if not bool((ok & keep).any()):
-                return {}
-            sel = (ok & keep)[ok]  # among the images read, those asked for
-            e, a, b = e[sel], a[sel], b[sel]
+            e, a, b = self._inputs(epoch)
+            if keep is not None:
+                e, a, b = e[keep], a[keep], b[keep]
             f = F.normalize(model.embed(e).float(), dim=1)  # P x D
             za = F.normalize(model.embed(a).float(), dim=1)  # P x D
             zb = F.normalize(model.embed(b).float(), dim=1)  # P x D
         finally:
             model.train(was)
         bank = model.objective.bank.memory
-        r = self.slots[ok & keep] if rows is None else rows[ok[keep]]  # rows: one per slot asked for
+        r = (self.slots if keep is None else self.slots[keep]) if rows is None else rows
         v = F.normalize(bank.index_select(0, r.to(bank.device)).float(), dim=1).to(f.device)  # P x D
         out = pairwise_stats(f, v)
         out["alignment"] = float((za - zb).square().sum(dim=1).mean())

@@ -520,7 +520,14 @@ def _train(cfg: TrainConfig, resume: bool, dataset, stop_flag, index_cache, dist
             record = {"type": "epoch", "epoch": epoch, "global_step": global_step,
                       "loss": float(np.mean(losses)) if losses else float("nan"),
                       "seconds": time.perf_counter() - t_epoch, **_means(step_stats)}
-            record.update(health(model, epoch) if dist is None else dist.health(health, model, epoch))
+            try:  # the probe reads its images again (file datasets): one may have become unreadable meanwhile
+                record.update(health(model, epoch) if dist is None else dist.health(health, model, epoch))
+            except InstdiscError as e:
+                if dist is not None:
+                    raise
+                # every step of the epoch is done; --resume starts at step spe of it and closes it as this run would
+                checkpoint(epoch - 1, spe, losses, step_stats)
+                raise _DataError(data_error_message(e, spe)) from None
             record["gap"] = record.get("pos_sim", float("nan")) - (
                 record["neg_sim"] if math.isfinite(record.get("neg_sim", float("nan")))
                 else record.get("inbatch_sim", float("nan")))

@@ -53,8 +53,8 @@ def run(args) -> dict:
         t3 = time.perf_counter()
         if cfg.views == 2:
             z1, z2 = zd[:B], zd[B:]
-            pos = {"z_pos": z2} if cfg.positive == "view" else {}
-            pos2 = {"z_pos": z1} if cfg.positive == "view" else {}
+            pos = {"z_pos": z2} if cfg.positive != "bank" else {}
+            pos2 = {"z_pos": z1} if cfg.positive != "bank" else {}
             loss = 0.5 * (model.objective(z1, idx, generator=g, **pos)[0] + model.objective(z2, idx, generator=g, **pos2)[0])
             z_upd = F.normalize(z1.detach() + z2.detach(), dim=1)
         else:

@@ -4,10 +4,13 @@ Covered by tests/test_atomic.py.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -139,3 +142,21 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (main thread only), so a resumable writer can write its counter and close its
+    file before the process ends (``export-features``, ``prepare``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

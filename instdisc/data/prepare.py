@@ -21,8 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import sigterm_as_interrupt as _sigterm_as_interrupt
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
 from ..version import __version__
@@ -86,23 +85,6 @@ def _clean(p: str) -> str:
         return p
     except UnicodeEncodeError:
         return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt (main thread only), so the counter is written and the file closed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _decode_block(ds, rows: range, c: int, s: int, pool) -> np.ndarray:

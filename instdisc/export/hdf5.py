@@ -26,13 +26,10 @@ either no file or a resumable one; temporary files of killed processes are remov
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import sigterm_as_interrupt as _sigterm_as_interrupt
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
 from ..version import FEATURES_FORMAT, __version__
@@ -200,23 +198,6 @@ def _create(path: Path, n: int, dim: int, dtype: str, compression: str, has_path
         path.unlink(missing_ok=True)
         raise
     return f
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt (main thread only), so the file is flushed, counted and closed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _resume_mismatch(old: dict, new: dict) -> str | None:

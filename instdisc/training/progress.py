@@ -11,18 +11,11 @@ import os
 import time
 from pathlib import Path
 
+from ..progress_bar import format_eta  # re-exported: the loop and tests import it from here
+
 __all__ = ["MetricsWriter", "Progress", "format_eta", "json_safe"]
 
 log = logging.getLogger("instdisc.training")
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def json_safe(value):

@@ -8,7 +8,7 @@ Data (generated once under --work, default $TMPDIR/instdisc-bench-folder, and re
 28x28 grayscale PNGs (a Fashion-MNIST-like folder, trained at its inferred 28 px).
 
 Rows, in samples/s (a sample = one image; the training rows produce the two augmented views InstDisc consumes):
-  (a)  pil-train       today's PIL training path: the loop's own batches (``_Batches.epoch``, augment pil,
+  (a)  pil-train       today's PIL training path: the loop's own batches (``Batches.epoch``, augment pil,
                        0 workers: full decode + two train_transform views per image)
   (a') pil-train-draft the same with JPEG draft decoding (what the PIL path does now)
   (d)  pil-decode      full decode + resize to S (the decode+resize part of (a)), one thread
@@ -81,13 +81,13 @@ def make_pngs(root: str, n: int) -> str:
 
 
 def time_loop_input(ds, cap: float, augment: str, batch: int = 64) -> tuple[float, float]:
-    """Samples/s of the batches the training loop consumes (``_Batches.epoch``: permutation, per-step seeds, two
+    """Samples/s of the batches the training loop consumes (``Batches.epoch``: permutation, per-step seeds, two
     views, DataLoader with 0 workers on the PIL path), stopping after ``cap`` seconds (first batch excluded)."""
     from instdisc.training import TrainConfig
-    from instdisc.training.loop import _Batches
+    from instdisc.training.batches import Batches
 
     cfg = TrainConfig(data=ds.spec, batch_size=batch, augment=augment, workers=0)
-    b = _Batches(cfg, ds, torch.device("cpu"), use_batch_aug=augment == "batch")
+    b = Batches(cfg, ds, torch.device("cpu"), use_batch_aug=augment == "batch")
     it = b.epoch(0, 0)
     next(it)
     t0, c0, n = time.perf_counter(), time.process_time(), 0
@@ -145,7 +145,7 @@ def bench_source(name: str, folder: str, sizes: list[int], work: str, args) -> l
                                                 "cache_train")}
         for _ in range(args.rounds):
             got["pil_train"].append(time_loop_input(full, slice_s, "pil"))  # today's path: full decodes
-            got["pil_train_draft"].append(time_loop_input(ds, slice_s, "pil"))  # _Batches turns JPEG draft on
+            got["pil_train_draft"].append(time_loop_input(ds, slice_s, "pil"))  # Batches turns JPEG draft on
             got["pil_decode"].append(time_decode(ds, size, slice_s))
             got["prepare_1t"].append(time_prepare(sub, out_sub, 1))
             got["cache_train"].append(time_loop_input(cache, slice_s, "batch", batch=min(256, len(cache) // 8)))

@@ -17,7 +17,7 @@ import _machine  # noqa: F401  (puts the repo on sys.path)
 import torch
 
 from instdisc.training import TrainConfig
-from instdisc.training.loop import build_seeded_model
+from instdisc.method import build_seeded_model
 from instdisc.training.precision import as_channels_last, autocast, cpu_has_native_bf16, use_channels_last
 
 

@@ -30,7 +30,7 @@ from instdisc.downstream.linear import fit_linear, topk_accuracy
 from instdisc.features import extract_features
 from instdisc.knn import knn_evaluate
 from instdisc.training import TrainConfig, train
-from instdisc.training.loop import build_seeded_model
+from instdisc.method import build_seeded_model
 
 # Overrides of the recipe (--recipe, default fast). "bank" is the recipe as it is (fast: --positive view+bank);
 # "no-bank" is the control: in-batch negatives only (K = 0: the bank is written but never read by the loss).

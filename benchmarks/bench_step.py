@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from instdisc.data import BatchAugment, build_dataset
 from instdisc.training import TrainConfig
-from instdisc.training.loop import build_seeded_model
+from instdisc.method import build_seeded_model
 from instdisc.training.precision import as_channels_last, autocast, resolve_amp, use_channels_last
 
 PARTS = ["data", "augment", "encoder fwd+bwd", "head fwd+bwd", "optimizer", "bank update"]

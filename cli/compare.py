@@ -6,7 +6,7 @@ import json
 import click
 
 from instdisc.compare import compare_knn, format_table
-from instdisc.training import resolve_device
+from instdisc.device import DEVICES, resolve_device
 
 from .app import cli, data_options
 
@@ -18,7 +18,7 @@ from .app import cli, data_options
 @data_options
 @click.option("--k", type=int, default=200, show_default=True)
 @click.option("--tau", type=float, default=0.07, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 def compare_cmd(run_dir, train_spec, test_spec, data_root, limit, k, tau, device, as_json):
     """kNN accuracy of the learned features vs the untrained encoder vs raw pixels."""

@@ -8,7 +8,7 @@ import click
 from instdisc.downstream.finetune import finetune
 from instdisc.downstream.linear import OPTIMIZERS, PREPROCESS, linear_probe
 from instdisc.export.hdf5 import LAYERS
-from instdisc.training import resolve_device
+from instdisc.device import DEVICES, resolve_device
 
 from .app import cli, data_options
 
@@ -30,7 +30,7 @@ def _fmt(v) -> str:
 @click.option("--lr", type=float, default=None, help="Default: lbfgs 1.0, adam 1e-3, sgd 0.1.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Minibatch (adam/sgd).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
@@ -59,7 +59,7 @@ def linear_probe_cmd(model, train_spec, test_spec, data_root, limit, layer, opti
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--no-augment", "augment", flag_value=False, default=True, help="Train without augmentation.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")

@@ -7,7 +7,7 @@ import click
 
 from instdisc.export.encoder import export_encoder
 from instdisc.export.hdf5 import COMPRESSIONS, DTYPES, LAYERS, export_features
-from instdisc.training import resolve_device
+from instdisc.device import DEVICES, resolve_device
 
 from .app import cli, data_options
 
@@ -42,7 +42,7 @@ def export_encoder_cmd(run_dir, out, with_head, overwrite, as_json):
 @data_options
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes (files).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing file (the old one stays until the new one is "
                                                 "complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")

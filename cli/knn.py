@@ -7,7 +7,8 @@ import click
 
 from instdisc.evaluation import format_knn, knn_benchmark
 from instdisc.neighbors import neighbor_grid
-from instdisc.training import resolve_device
+from instdisc.device import DEVICES, resolve_device
+from instdisc.source import LAYERS
 
 from .app import cli, data_options
 
@@ -23,10 +24,10 @@ _INDEXES = ["flat", "ivf", "hnsw", "ivfpq"]
 @click.option("--tau", type=float, default=0.07, show_default=True, help="Vote weight exp(s/tau).")
 @click.option("--index", type=click.Choice(_INDEXES), default="flat", show_default=True,
               help="flat = exact; ivf / hnsw / ivfpq = approximate, for large galleries.")
-@click.option("--layer", type=click.Choice(["encoder", "embedding"]), default="encoder", show_default=True)
+@click.option("--layer", type=click.Choice(LAYERS), default="encoder", show_default=True)
 @click.option("--use-bank", is_flag=True, help="Gallery = the run's memory bank (InstDisc's training monitor).")
 @click.option("--retrieval", is_flag=True, help="Also recall@1/5/10, mAP@R and mAP (labels as relevance).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
@@ -55,9 +56,9 @@ def knn_cmd(model, train_spec, test_spec, data_root, limit, k, tau, index, layer
 @data_options
 @click.option("--n", type=int, default=8, show_default=True, help="Query rows.")
 @click.option("--k", type=int, default=10, show_default=True, help="Neighbours per row.")
-@click.option("--layer", type=click.Choice(["encoder", "embedding"]), default="encoder", show_default=True)
+@click.option("--layer", type=click.Choice(LAYERS), default="encoder", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Which queries are drawn.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 def neighbors_cmd(model, train_spec, query_spec, out, data_root, limit, n, k, layer, seed, device):
     """Draw each query with its k nearest training images (green frame: same label, red: different)."""
     res = neighbor_grid(model, train=train_spec, query=query_spec, out=out, n=n, k=k, layer=layer, seed=seed,

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
-from instdisc.training import resolve_device
+from instdisc.device import DEVICES, resolve_device
+from instdisc.plots.curves import X_AXES
+from instdisc.plots.embedding import METHODS
+from instdisc.source import LAYERS
 
 from .app import cli
 
@@ -11,7 +14,7 @@ from .app import cli
 @cli.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--x", "x_axis", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
+@click.option("--x", "x_axis", type=click.Choice(X_AXES), default="step", show_default=True,
               help="Horizontal axis: global step (with an epoch axis on top), or epoch (compares runs of different "
                    "batch sizes).")
 @click.option("--title", default=None, help="Title above the panels.")
@@ -30,17 +33,17 @@ def plot_cmd(runs, out, x_axis, title):
 @click.argument("source", metavar="MODEL_OR_FEATURES", type=click.Path())
 @click.argument("data", required=False)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="pca", show_default=True,
               help="pca: linear, fast; tsne: non-linear neighbourhood map (scikit-learn), slower.")
 @click.option("--limit", type=int, default=2000, show_default=True,
               help="At most N points: a fixed random subset of larger sets.")
 @click.option("--thumbnails", type=int, default=0, show_default=True,
               help="Draw N images at their points, spread over the map (needs DATA).")
-@click.option("--layer", type=click.Choice(["encoder", "embedding"]), default="encoder", show_default=True,
+@click.option("--layer", type=click.Choice(LAYERS), default="encoder", show_default=True,
               help="Features of a model: encoder output v or head embedding z.")
 @click.option("--data-root", type=click.Path(), default=None, help="Where named datasets' files are.")
 @click.option("--seed", type=int, default=0, show_default=True, help="t-SNE seed.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 def plot_embedding_cmd(source, data, out, method, limit, thumbnails, layer, data_root, seed, device, batch_size):
     """Draw a 2-D map of features coloured by label (unlabeled points grey). MODEL_OR_FEATURES is a run folder or an

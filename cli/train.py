@@ -6,7 +6,7 @@ import signal
 
 import click
 
-from instdisc.training import RECIPES, TrainConfig, train as train_run
+from instdisc.training import CHOICES, RECIPES, TrainConfig, train as train_run
 from instdisc.models import list_encoders
 
 from .app import cli, data_options
@@ -19,30 +19,30 @@ from .app import cli, data_options
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="fast", show_default=True,
               help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
 @click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s-pool2].")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Projection head.")
+@click.option("--head", type=click.Choice(CHOICES["head"]), default=None, help="Projection head.")
 @click.option("--low-dim", type=int, default=None, help="Embedding dimension (default 128).")
 @click.option("--nce-k", type=int, default=None, help="Bank negatives K per sample (default 4096; 0: no bank negatives).")
 @click.option("--nce-t", type=float, default=None, help="Temperature tau (default 0.07).")
 @click.option("--nce-m", type=float, default=None, help="Bank momentum m (default 0.5).")
-@click.option("--loss", type=click.Choice(["nce", "infonce", "softmax"]), default=None)
-@click.option("--negatives", type=click.Choice(["shared", "per-sample"]), default=None,
-              help="One draw of K for the batch, or K per sample (exact InstDisc).")
-@click.option("--positive", type=click.Choice(["bank", "view", "view+bank", "neighbour", "view+neighbour"]), default=None,
+@click.option("--loss", type=click.Choice(CHOICES["loss"]), default=None)
+@click.option("--negatives", type=click.Choice(CHOICES["negatives"]), default=None,
+              help="K per sample (exact InstDisc), or one draw of K shared by the batch.")
+@click.option("--positive", type=click.Choice(CHOICES["positive"]), default=None,
               help="The sample's bank slot (InstDisc), the other view's embedding, or both in two terms "
                    "(view vs in-batch negatives + own bank row vs bank negatives).")
 @click.option("--bank-weight", type=float, default=None,
               help="--positive view+bank: weight w of the bank term, 1 - w of the view term (default 0.5).")
 @click.option("--in-batch/--no-in-batch", default=None, help="Also use the batch's other views as negatives.")
-@click.option("--z-mode", type=click.Choice(["first-batch", "running"]), default=None, help="NCE normaliser Z.")
-@click.option("--bank-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
-@click.option("--bank-init", type=click.Choice(["random", "encoder"]), default=None)
-@click.option("--augment", type=click.Choice(["auto", "batch", "pil"]), default=None)
+@click.option("--z-mode", type=click.Choice(CHOICES["z_mode"]), default=None, help="NCE normaliser Z.")
+@click.option("--bank-dtype", type=click.Choice(CHOICES["bank_dtype"]), default=None)
+@click.option("--bank-init", type=click.Choice(CHOICES["bank_init"]), default=None)
+@click.option("--augment", type=click.Choice(CHOICES["augment"]), default=None)
 @click.option("--crop-min", type=float, default=None, help="Smallest crop area fraction (InstDisc: 0.2).")
 @click.option("--epochs", type=int, default=None, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default 256).")
 @click.option("--lr", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
-@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None)
+@click.option("--schedule", type=click.Choice(CHOICES["schedule"]), default=None)
 @click.option("--warmup-epochs", type=float, default=None)
 @click.option("--image-size", type=int, default=None,
               help="Side of the images the encoder sees (folders, lists: default inferred from the images).")
@@ -50,7 +50,7 @@ from .app import cli, data_options
               callback=lambda ctx, p, v: None if v is None else int(v),
               help="Folders, lists: 1 (grayscale) or 3 (RGB) [default: inferred from the images].")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Drop unreadable images instead of stopping.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--device", type=click.Choice(CHOICES["device"]), default=None)
 @click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast (used on CUDA and on CPUs with native bf16).")
 @click.option("--seed", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes (file datasets).")
@@ -63,11 +63,11 @@ from .app import cli, data_options
                    "[plot] extra).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (a run killed before its "
               "first checkpoint starts again from scratch if its config.json matches).")
-@click.option("--sync-bn", is_flag=True, default=False,
+@click.option("--sync-bn", is_flag=True, default=None,
               help="Distributed runs (torchrun): synchronise BatchNorm statistics across processes (CUDA only).")
 @click.option("--index-cache", type=click.Path(file_okay=False), default=None,
               help="Folder caching the file index of folder and file-list datasets [default: OUT/.index-cache].")
-def train_cmd(data, out, recipe, resume, sync_bn, index_cache, **opts):
+def train_cmd(data, out, recipe, resume, index_cache, **opts):
     """Train an encoder on DATA (a dataset spec: fashion-mnist:train, cifar10, a folder, filelist:PATH).
 
     Launched with torchrun (WORLD_SIZE > 1) it trains with DDP and a memory bank sharded over the processes;
@@ -76,7 +76,7 @@ def train_cmd(data, out, recipe, resume, sync_bn, index_cache, **opts):
     SIGINT (Ctrl-C) or SIGTERM saves a checkpoint at the next step boundary and exits with 128 + the signal number
     (130, 143); `--resume` continues the run exactly.
     """
-    cfg = TrainConfig.from_recipe(recipe, data=data, out=out, extra={"sync_bn": True} if sync_bn else None, **opts)
+    cfg = TrainConfig.from_recipe(recipe, data=data, out=out, **opts)
     result = train_run(cfg, resume=resume, index_cache=index_cache)
     state = "interrupted (resume with --resume)" if result.interrupted else "done"
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary line, from rank 0

@@ -5,14 +5,14 @@ The public API is listed in ``__all__``; the README's module map says which file
 from .downstream import finetune, linear_probe, load_finetuned
 from .data import BatchAugment, IndexedDataset, build_dataset, eval_transform, train_transform
 from .errors import InstdiscError
-from .export import export_encoder, export_features, load_encoder, read_features
+from .export import export_encoder, export_features, read_features
 from .features import Features, extract_features
 from .knn import knn_evaluate, retrieval_evaluate
 from .method import InstDiscModel, build_model
 from .models import ProjectionHead, build_encoder, list_encoders
 from .objective import Objective
 from .seeding import seed_everything
-from .source import ModelSource, open_model
+from .source import ModelSource, load_encoder, open_model
 from .training import RECIPES, TrainConfig, TrainResult, load_run, train
 from .version import __version__
 

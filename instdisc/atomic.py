@@ -20,7 +20,7 @@ from .errors import InstdiscError
 from .faultpoints import fault_point
 
 __all__ = ["fsync_dir", "atomic_write", "atomic_torch_save", "atomic_write_text", "check_free_space", "check_writable_dir",
-           "remove_stale_temps"]
+           "pid_alive", "remove_stale_temps"]
 
 _TMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside the target
 
@@ -124,7 +124,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
         name, mark, pid = p.name.rpartition(_TMP_MARK)
         if not (mark and name.startswith(".") and pid.isdigit() and p.is_file()):
             continue
-        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         try:
             p.unlink()
@@ -134,12 +134,16 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process we may not signal counts as alive; so does this
+    one)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except OSError:  # PermissionError: exists, owned by someone else
         return True
     return True
 

@@ -12,11 +12,18 @@ from torch import nn
 
 from instdisc.errors import InstdiscError
 
-__all__ = ["MemoryBank", "BANK_DTYPES", "SAMPLE_MODES", "DEFAULT_K", "auto_k"]
+__all__ = ["MemoryBank", "BANK_DTYPES", "STORAGE_DTYPES", "SAMPLE_MODES", "DEFAULT_K", "auto_k"]
 
-BANK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --bank-dtype
+STORAGE_DTYPES = (*BANK_DTYPES.values(), torch.float64)  # what a bank may hold: float64 too, for reference tests
 SAMPLE_MODES = ("per-sample", "shared")
 DEFAULT_K = 4096  # InstDisc's number of negatives
+
+
+def check_storage_dtype(dtype: torch.dtype) -> None:
+    if dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        raise InstdiscError(f"bank dtype must be one of {names}, got {dtype}")
 
 
 def auto_k(n_data: int) -> int:
@@ -35,25 +42,29 @@ class MemoryBank(nn.Module):
         generator: ``torch.Generator`` used to draw the initial rows (standard normal, then L2-normalised, i.e.
             uniform on the sphere). The rows are drawn on the generator's device; ``device`` places the result.
         device: device of ``memory``; default: the generator's device, else CPU.
+        draw: False: allocate the rows without drawing them (zeros; for a bank that a state dict fills next).
     """
 
     memory: torch.Tensor
 
     def __init__(self, n_data: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 draw: bool = True) -> None:
         super().__init__()
         if int(n_data) < 1:
             raise InstdiscError(f"bank size n_data must be >= 1, got {n_data}")
         if int(dim) < 1:
             raise InstdiscError(f"bank dim must be >= 1, got {dim}")
-        if dtype not in BANK_DTYPES:
-            raise InstdiscError(f"bank dtype must be one of float32, float64, float16, bfloat16, got {dtype}")
+        check_storage_dtype(dtype)
         self.n_data, self.dim = int(n_data), int(dim)
-        draw_device = generator.device if generator is not None else device
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        memory = torch.randn(self.n_data, self.dim, generator=generator, device=draw_device, dtype=work)  # N x D
-        memory.div_(memory.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # in place: the bank can be GBs
-        memory = memory.to(device=device, dtype=dtype)
+        if draw:
+            draw_device = generator.device if generator is not None else device
+            work = torch.float64 if dtype == torch.float64 else torch.float32
+            memory = torch.randn(self.n_data, self.dim, generator=generator, device=draw_device, dtype=work)  # N x D
+            memory.div_(memory.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # in place: the bank can be GBs
+            memory = memory.to(device=device, dtype=dtype)
+        else:
+            memory = torch.zeros(self.n_data, self.dim, device=device, dtype=dtype)  # N x D, filled by the caller
         self.register_buffer("memory", memory, persistent=True)
 
     def extra_repr(self) -> str:

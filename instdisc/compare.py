@@ -31,7 +31,7 @@ def compare_knn(run_dir, *, train: str, test: str, k: int = 200, tau: float = 0.
     the untrained encoder (same arch and seed) and raw pixels, all with the same kNN protocol."""
     from .knn import knn_evaluate
     from .training.config import TrainConfig
-    from .training.loop import build_seeded_model
+    from .method import build_seeded_model
 
     src = open_model(run_dir, device=device)
     if src.kind != "run":

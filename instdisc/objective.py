@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from instdisc.bank import MemoryBank
+from instdisc.bank import SAMPLE_MODES, MemoryBank
 from instdisc.errors import InstdiscError
 from instdisc.losses import full_softmax_loss, info_nce_loss, nce_loss
 from instdisc.normaliser import NormaliserZ
@@ -47,7 +47,7 @@ from instdisc.normaliser import NormaliserZ
 __all__ = ["Objective", "per_sample_logits", "LOSSES", "NEGATIVES", "POSITIVES", "GATHER_BLOCK_ROWS"]
 
 LOSSES = ("nce", "infonce", "softmax")
-NEGATIVES = ("per-sample", "shared")
+NEGATIVES = SAMPLE_MODES  # how the bank draws K: per sample, or one draw shared by the batch
 POSITIVES = ("bank", "view", "view+bank", "neighbour", "view+neighbour")
 NEAREST_BLOCK_ROWS = 65536  # neighbour search: bank rows scored at once (B x 65536 similarities)
 GATHER_BLOCK_ROWS = 4096  # tiled per-sample path: bank rows gathered at once (2 MiB at D = 128, float32)
@@ -227,6 +227,7 @@ class Objective(nn.Module):
         z_mode, z_momentum: the normaliser Z (loss "nce"); see instdisc.normaliser.
         bank_dtype: storage dtype of the bank (float32, float64, float16, bfloat16).
         generator: only used to draw the initial bank rows.
+        draw_bank: False: leave the rows undrawn (zeros), for a model whose state dict is loaded next.
 
     Buffers (persistent): ``bank.memory`` (N x D), ``z.log_z`` (0-dim float64, nan = unset).
     """
@@ -234,7 +235,7 @@ class Objective(nn.Module):
     def __init__(self, n_data: int, dim: int, *, k: int = 4096, tau: float = 0.07, m: float = 0.5,
                  loss: str = "nce", negatives: str = "per-sample", positive: str = "bank", in_batch: bool = False,
                  z_mode: str = "first-batch", z_momentum: float = 0.99, bank_dtype: torch.dtype = torch.float32,
-                 bank_weight: float = 0.5, generator: torch.Generator | None = None) -> None:
+                 bank_weight: float = 0.5, generator: torch.Generator | None = None, draw_bank: bool = True) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise InstdiscError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -272,7 +273,7 @@ class Objective(nn.Module):
         self.n_data, self.dim, self.k, self.tau, self.m = n_data, dim, k, tau, m
         self.loss_name, self.negatives, self.positive, self.in_batch = loss, negatives, positive, bool(in_batch)
         self.bank_weight = bank_weight
-        self.bank = self._make_bank(n_data, dim, bank_dtype, generator)
+        self.bank = self._make_bank(n_data, dim, bank_dtype, generator, draw_bank)
         self.z = NormaliserZ(z_mode, z_momentum)
 
     def extra_repr(self) -> str:
@@ -280,10 +281,10 @@ class Objective(nn.Module):
                 f"loss={self.loss_name!r}, negatives={self.negatives!r}, positive={self.positive!r}, "
                 f"in_batch={self.in_batch}")
 
-    def _make_bank(self, n_data: int, dim: int, dtype: torch.dtype,
-                   generator: torch.Generator | None) -> MemoryBank:
+    def _make_bank(self, n_data: int, dim: int, dtype: torch.dtype, generator: torch.Generator | None,
+                   draw: bool) -> MemoryBank:
         """The bank module. A hook: instdisc.distributed.ShardedObjective returns one rank's shard instead."""
-        return MemoryBank(n_data, dim, dtype=dtype, generator=generator)
+        return MemoryBank(n_data, dim, dtype=dtype, generator=generator, draw=draw)
 
     # ------------------------------------------------------------------ forward
     def forward(self, z: torch.Tensor, idx: torch.Tensor, *, z_pos: torch.Tensor | None = None,

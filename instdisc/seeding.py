@@ -6,7 +6,24 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "get_rng_state", "set_rng_state", "mix_seed"]
+__all__ = ["seed_everything", "get_rng_state", "set_rng_state", "mix_seed", "Stream"]
+
+
+class Stream:
+    """Named RNG streams: each random choice of a run draws from ``mix_seed(seed, ..., Stream.X, ...)`` in the place
+    its user documents. The numbers are part of the results (a resume, the 2-process parity and every recorded
+    figure depend on them): never renumber one, add new ones."""
+
+    PERMUTATION = 1  # (seed, epoch, PERMUTATION): the epoch's order of the samples
+    BATCH_VIEWS = 2  # (seed, epoch, step, BATCH_VIEWS[, rank]): BatchAugment's views of a step
+    NEGATIVES = 3  # (seed, epoch, step, NEGATIVES): the bank negatives of a step
+    LOADER = 4  # (seed, epoch, LOADER[, rank]): the DataLoader's base seed (its workers never draw from it)
+    MODEL_INIT = 5  # (seed, 0, MODEL_INIT): torch's global RNG while encoder and head are built
+    BANK_INIT = 0  # (seed, BANK_INIT): the generator that draws the initial bank rows
+    PIL_VIEWS = 7  # (seed, epoch, sample, PIL_VIEWS): the PIL transforms' views of one sample
+    PROBE = 11  # (seed, PROBE): the health probe's fixed slots
+    PROBE_VIEWS = 12  # (seed, PROBE_VIEWS, epoch): the probe's views of an epoch
+    FINETUNE_VIEWS = 11  # (seed, epoch, sample, FINETUNE_VIEWS): fine-tuning's PIL views of one sample
 
 
 def seed_everything(seed: int) -> None:

@@ -5,6 +5,7 @@ Covered by tests/test_source.py.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,9 @@ from torch import nn
 
 from .errors import InstdiscError
 
-__all__ = ["ModelSource", "open_model"]
+__all__ = ["LAYERS", "ModelSource", "load_encoder", "open_model"]
+
+LAYERS = ("encoder", "embedding")  # what a model source embeds with: the feature v, or the head's z
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ModelSource:
                 raise InstdiscError(f"{self.path} has no projection head; use --layer encoder "
                                     f"(or export with --with-head)")
             return lambda x: self.head(self.encoder(x))
-        raise InstdiscError(f"unknown layer {layer!r}; choose encoder or embedding")
+        raise InstdiscError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
 
     def to(self, device) -> "ModelSource":
         self.encoder.to(device)
@@ -82,3 +85,21 @@ def open_model(path: str | Path, device="cpu") -> ModelSource:
     if src.head is not None:
         src.head.eval()
     return src.to(device)
+
+
+def load_encoder(path: str | os.PathLike, *, device="cpu") -> tuple[nn.Module, "EncoderTransform"]:
+    """(encoder, eval transform) from an export folder or a training run.
+
+    The encoder is a plain ``nn.Module`` with ``feature_dim``, every parameter trainable, in eval mode (call
+    ``.train()`` to fine-tune it). The transform maps a PIL image to the normalised C x S x S tensor it expects.
+    """
+    from .export.encoder import _eval_resize
+    from .export.transform import EncoderTransform
+
+    src = open_model(path, device=device)
+    for p in src.encoder.parameters():
+        p.requires_grad_(True)
+    meta = dict(src.meta)
+    if "eval_resize" not in meta:
+        meta["eval_resize"] = _eval_resize((meta.get("data") or {}).get("spec"))
+    return src.encoder, EncoderTransform.from_meta(meta)

@@ -44,3 +44,17 @@ def test_writable_dir(tmp_path):
     f.write_text("")
     with pytest.raises(InstdiscError, match="cannot create output directory"):
         check_writable_dir(f / "sub")
+
+
+def test_pid_alive():
+    import os
+    import subprocess
+    import sys
+
+    from instdisc.atomic import pid_alive
+
+    assert pid_alive(os.getpid())
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert not pid_alive(p.pid)  # reaped: no such process (pids are not reused this fast)
+    assert pid_alive(1)  # init: exists (root may signal it; another user gets PermissionError, also alive)

@@ -289,13 +289,13 @@ def test_draft_only_when_a_halving_is_possible(tmp_path):
 
 def test_pil_training_path_drafts_keeping_the_smallest_crop_sharp(tmp_path):
     from instdisc.training import TrainConfig
-    from instdisc.training.loop import _Batches
+    from instdisc.training.batches import Batches
 
     for k in range(4):
         save(tmp_path / "d" / f"{k}.jpg", _photo_like(seed=k))
     ds = build_dataset(str(tmp_path / "d"), image_size=64)
     cfg = TrainConfig(data=str(tmp_path / "d"), batch_size=2, crop_min=0.2, augment="pil")
-    b = _Batches(cfg, ds, torch.device("cpu"), use_batch_aug=False)
+    b = Batches(cfg, ds, torch.device("cpu"), use_batch_aug=False)
     assert b.ds.draft_scale == pytest.approx(5 ** 0.5)  # 1 / sqrt(crop_min)
     img = b.ds.load_image(0)
     assert min(img.size) == 188 and 0.2 ** 0.5 * 188 >= 64  # halved; the smallest crop still has >= 64 px

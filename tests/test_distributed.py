@@ -17,7 +17,8 @@ from instdisc.distributed.bank import ShardedBank, _chunk_bounds, draw_shard
 from instdisc.distributed.data import ShardedBatches, local_batch_size
 from instdisc.distributed.knn import merge_topk
 from instdisc.distributed.partition import StridedPartition
-from instdisc.distributed.session import DistributedRun, resume_position
+from instdisc.distributed.session import DistributedRun
+from instdisc.training.strategy import resume_position
 from instdisc.errors import InstdiscError
 
 from test_train_loop import tiny_cfg
@@ -119,11 +120,11 @@ def test_merge_of_shard_topk_equals_global_topk():
 # ------------------------------------------------------------------------------------------------ batches / resume
 def test_sharded_batches_partition_each_epoch(fake_mnist, tmp_path):
     from instdisc.data import build_dataset
-    from instdisc.training.loop import _Batches
+    from instdisc.training.batches import Batches
 
     cfg = tiny_cfg(fake_mnist, tmp_path / "r", batch_size=16, device="cpu")
     ds = build_dataset(cfg.data, data_root=cfg.data_root)  # 96 images
-    single = _Batches(cfg, ds, torch.device("cpu"), True)
+    single = Batches(cfg, ds, torch.device("cpu"), True)
     for epoch in (0, 1):
         seen = []
         for r in range(2):
@@ -170,7 +171,7 @@ def test_from_env(monkeypatch, fake_mnist, tmp_path):
     with pytest.raises(InstdiscError, match="launch with torchrun"):
         DistributedRun.from_env(cfg)
     monkeypatch.setenv("RANK", "0")
-    cfg.extra = {"sync_bn": True}
+    cfg.sync_bn = True
     with pytest.raises(InstdiscError, match="--sync-bn needs CUDA"):
         DistributedRun.from_env(cfg)
 

@@ -157,11 +157,11 @@ def test_unreadable_image_mid_run_saves_at_the_step_boundary(launched):
 
 
 def test_sharded_pil_batches_protect_workers_from_ctrl_c(tmp_path, monkeypatch):
-    """ShardedBatches starts its DataLoader workers through the loop's ``_worker_batches`` (SIGINT blocked while
+    """ShardedBatches starts its DataLoader workers through ``training.batches.worker_batches`` (SIGINT blocked while
     they start, ignored in them, shut down here), as a single process does."""
     from test_data_prepare import make_folder
 
-    import instdisc.training.loop as loop
+    import instdisc.training.batches as batches_module
     from instdisc.data import build_dataset
     from instdisc.distributed.data import ShardedBatches
     from instdisc.distributed.partition import StridedPartition
@@ -169,13 +169,13 @@ def test_sharded_pil_batches_protect_workers_from_ctrl_c(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "src", n_per_class=4, size=(12, 12))
     ds = build_dataset(str(folder))
     used = []
-    real = loop._worker_batches
+    real = batches_module.worker_batches
 
     def spy(loader):
         used.append(loader.num_workers)
         return real(loader)
 
-    monkeypatch.setattr(loop, "_worker_batches", spy)
+    monkeypatch.setattr(batches_module, "worker_batches", spy)
     cfg = _cfg(str(folder), tmp_path / "r", batch_size=4, workers=1, augment="pil")
     b = ShardedBatches(cfg, ds, torch.device("cpu"), False, StridedPartition(len(ds), WORLD, 0))
     idx, views = next(b.epoch(0, 0))

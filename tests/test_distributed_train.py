@@ -221,7 +221,7 @@ def test_objective_matches_single_process(two_procs, name):
 
 # ------------------------------------------------------------------------------------------------ model / training
 def test_sharded_model_starts_from_single_process_weights(two_procs):
-    from instdisc.training.loop import build_seeded_model
+    from instdisc.method import build_seeded_model
     from test_train_loop import tiny_cfg
 
     out, fm, _ = two_procs
@@ -237,14 +237,15 @@ def test_sharded_model_starts_from_single_process_weights(two_procs):
 
 def test_encoder_bank_init_matches_single_process(two_procs):
     from instdisc.data import build_dataset
-    from instdisc.training.loop import _init_bank_from_encoder, build_seeded_model
+    from instdisc.method import build_seeded_model
+    from instdisc.training.strategy import SingleProcess
     from test_train_loop import tiny_cfg
 
     out, fm, _ = two_procs
     cfg = tiny_cfg(fm, out / "ref", **_train_kwargs(bank_init="random"))
     ds = build_dataset(cfg.data, data_root=cfg.data_root)
     model = build_seeded_model(cfg, n_data=96, in_channels=1, image_size=28)
-    _init_bank_from_encoder(model, ds, torch.device("cpu"), 256)
+    SingleProcess(torch.device("cpu")).init_bank_from_encoder(model, ds, 256)
     for r in range(WORLD):  # other batch compositions in the encoder: equal up to float rounding
         got = torch.load(out / f"bank_encoder_rank{r}.pt", weights_only=True)
         torch.testing.assert_close(got, model.objective.bank.memory[r::WORLD], rtol=1e-5, atol=1e-6)

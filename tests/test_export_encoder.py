@@ -10,7 +10,8 @@ import torch
 import instdisc.export.encoder as enc_mod
 from instdisc.data import batch_eval, build_dataset
 from instdisc.errors import InstdiscError
-from instdisc.export.encoder import export_encoder, load_encoder, load_torchscript, read_export
+from instdisc.export.encoder import export_encoder, load_torchscript, read_export
+from instdisc.source import load_encoder
 from instdisc.source import open_model
 from instdisc.training import load_run
 from instdisc.training.checkpoint import file_sha256

@@ -1,7 +1,7 @@
 """Bad images end to end through ``instdisc train`` (issue 6, "Bad data").
 
 Covers instdisc/data (bad-image scan, --skip-bad-images, image modes) as the CLI uses it, and instdisc/training/loop.py's
-handling of a file that breaks during the run (``_guarded``: named in one line, progress saved, exact resume).
+handling of a file that breaks during the run (``training.batches.guarded``: named in one line, progress saved, exact resume).
 """
 import shutil
 

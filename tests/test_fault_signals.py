@@ -112,7 +112,7 @@ def test_forked_workers_start_with_sigint_blocked_and_no_signal_is_lost():
     keeps its mask, and a Ctrl-C that arrives while the workers start still reaches the main process's handler."""
     import torch
 
-    from instdisc.training.loop import _start_workers
+    from instdisc.training.batches import start_workers
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     got = []
@@ -120,7 +120,7 @@ def test_forked_workers_start_with_sigint_blocked_and_no_signal_is_lost():
     try:
         loader = torch.utils.data.DataLoader(_MaskProbe(), batch_size=1, num_workers=1,
                                              multiprocessing_context="fork")
-        assert [int(b) for b in _start_workers(loader)] == [1, 1]
+        assert [int(b) for b in start_workers(loader)] == [1, 1]
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
         assert [int(b) for b in iter(loader)] == [int(signal.SIGINT in before)] * 2  # plain start: not blocked
         real_iter = torch.utils.data.DataLoader.__iter__
@@ -132,7 +132,7 @@ def test_forked_workers_start_with_sigint_blocked_and_no_signal_is_lost():
 
         torch.utils.data.DataLoader.__iter__ = iter_and_interrupt
         try:
-            list(_start_workers(loader))
+            list(start_workers(loader))
         finally:
             torch.utils.data.DataLoader.__iter__ = real_iter
         for _ in range(100):  # another thread may take it; the handler runs in the main thread soon after
@@ -146,7 +146,7 @@ def test_forked_workers_start_with_sigint_blocked_and_no_signal_is_lost():
 
 def test_batches_failing_after_a_stop_request_end_the_epoch_as_a_stop():
     """A worker killed by the same Ctrl-C makes the DataLoader raise: with a stop pending that is the stop."""
-    from instdisc.training.loop import _guarded
+    from instdisc.training.batches import guarded
 
     def batches():
         yield "b0"
@@ -154,7 +154,7 @@ def test_batches_failing_after_a_stop_request_end_the_epoch_as_a_stop():
         raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
 
     saved = []
-    got = list(_guarded(batches(), 0, saved.append, stopping=lambda: True))
+    got = list(guarded(batches(), 0, saved.append, stopping=lambda: True))
     assert got == ["b0", "b1", (None, None)] and saved == []
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
-        list(_guarded(batches(), 0, saved.append, stopping=lambda: False))
+        list(guarded(batches(), 0, saved.append, stopping=lambda: False))

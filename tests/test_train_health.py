@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from instdisc.training import TrainConfig
 from instdisc.training.health import HealthProbe, health_warnings, pairwise_stats
-from instdisc.training.loop import build_seeded_model
+from instdisc.method import build_seeded_model
 
 from conftest import make_fake_mnist
 from instdisc.data import build_dataset

@@ -7,7 +7,8 @@ import torch
 from instdisc.data import build_dataset
 from instdisc.errors import InstdiscError
 from instdisc.training import TrainConfig, TrainingDiverged, load_run, train
-from instdisc.training.loop import _Batches, build_seeded_model
+from instdisc.method import build_seeded_model
+from instdisc.training.batches import Batches
 
 
 def tiny_cfg(root, out, **kw):
@@ -39,7 +40,7 @@ def test_two_steps_change_params_and_exactly_batch_rows(fake_mnist, tmp_path, re
     changed = [not torch.equal(a, b) for a, b in zip(start.encoder.parameters(), res.model.encoder.parameters())]
     assert any(changed)
     # Bank rows that changed are exactly the rows of the two batches (bank init "random" for this comparison).
-    batches = _Batches(cfg, ds2, torch.device("cpu"), use_batch_aug=cfg.augment != "pil")
+    batches = Batches(cfg, ds2, torch.device("cpu"), use_batch_aug=cfg.augment != "pil")
     touched = set(batches.permutation(0)[:32].tolist())
     if cfg.bank_init == "random":
         diff = (start.objective.bank.memory != res.model.objective.bank.memory).any(dim=1)
@@ -56,7 +57,7 @@ def test_exact_batch_rows_with_encoder_init(fake_mnist, tmp_path):
                        nce_m=0.999999)
     res = train(cfg)
     # 40 images, batch 16: 2 steps, 32 rows touched, 8 untouched.
-    batches = _Batches(cfg, build_dataset(cfg.data, data_root=cfg.data_root, limit=40), torch.device("cpu"), True)
+    batches = Batches(cfg, build_dataset(cfg.data, data_root=cfg.data_root, limit=40), torch.device("cpu"), True)
     touched = set(batches.permutation(0)[:32].tolist())
     ref = train(cfg_ref)  # same init, (almost) no update: untouched rows must match exactly
     same = (ref.model.objective.bank.memory == res.model.objective.bank.memory).all(dim=1)
@@ -224,13 +225,13 @@ def test_knn_monitor_uses_the_labelled_part_at_the_training_size(tmp_path, caplo
 
 
 def test_knn_monitor_size_follows_the_training_data(tmp_path):
-    from instdisc.training.loop import _KnnMonitor
+    from instdisc.training.knn_monitor import KnnMonitor
 
     lst = _partly_labelled_list(tmp_path, n=16)
     train_ds = build_dataset(f"filelist:{lst}", image_size=20)
     cfg = tiny_cfg(None, tmp_path / "r", data=f"filelist:{lst}", data_root=None, knn_every=1,
                    knn_data=f"filelist:{lst}")
-    mon = _KnnMonitor(cfg, train_ds, torch.device("cpu"))
+    mon = KnnMonitor(cfg, train_ds, torch.device("cpu"))
     assert (mon.test_ds.image_size, mon.test_ds.channels) == (20, 1)
 
 

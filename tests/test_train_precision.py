@@ -9,7 +9,7 @@ from instdisc.data import build_dataset
 from instdisc.models import build_encoder
 from instdisc.training import precision, train
 from instdisc.training.checkpoint import read_checkpoint
-from instdisc.training.loop import build_seeded_model
+from instdisc.method import build_seeded_model
 from instdisc.training.precision import (as_channels_last, autocast, cpu_has_native_bf16, resolve_amp,
                                          use_channels_last)
 from test_train_loop import tiny_cfg

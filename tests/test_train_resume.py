@@ -1,4 +1,6 @@
 """Interrupt a run at a step boundary, resume it, and compare bitwise with an uninterrupted run (CPU)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +77,49 @@ def test_resume_refuses_changed_setting(fake_mnist, tmp_path):
     train(tiny_cfg(fake_mnist, tmp_path / "r"))
     with pytest.raises(InstdiscError, match="nce_t"):
         train(tiny_cfg(fake_mnist, tmp_path / "r", nce_t=0.2), resume=True)
+
+
+# A run saved by the code before the one-loop refactor (commit fefd7ab, tests/data/run_before_one_loop: config,
+# metrics and the checkpoint at the end of epoch 1 of
+#   tiny_cfg(make_fake_mnist(root), out, limit=48, epochs=1, amp=False, low_dim=16, nce_k=16)
+# with torch.set_num_threads(1)). Resumed there to epochs=2, its final state had this digest (sha256 over the state
+# dict, keys sorted). One thread: CPU kernels may sum in another order with more.
+RUN_BEFORE_ONE_LOOP = Path(__file__).parent / "data" / "run_before_one_loop"
+RUN_BEFORE_ONE_LOOP_FINAL = "b9116574db8769cd0f7c72360d805b0ea261467cffe607a8c5cdb306e68bb27c"
+
+
+def _state_digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_checkpoint_from_before_the_refactor_loads_and_resumes_as_it_did(tmp_path, one_torch_thread):
+    import shutil
+
+    from conftest import make_fake_mnist
+
+    root = make_fake_mnist(tmp_path / "fmnist")
+    out = tmp_path / "run"
+    shutil.copytree(RUN_BEFORE_ONE_LOOP, out)
+    kw = dict(limit=48, amp=False, low_dim=16, nce_k=16)
+    old = read_checkpoint(out)
+    # today's code computes the same first epoch, bit for bit
+    fresh = train(tiny_cfg(root, tmp_path / "fresh", epochs=1, **kw))
+    assert _state_digest(fresh.model.state_dict()) == _state_digest(old["model"])
+    # and continues the old checkpoint to what the old code computed from it
+    res = train(tiny_cfg(root, out, epochs=2, **kw), resume=True)
+    assert res.global_step == 6 and res.epochs_done == 2
+    assert _state_digest(res.model.state_dict()) == RUN_BEFORE_ONE_LOOP_FINAL

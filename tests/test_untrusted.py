@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from conftest import make_fake_mnist
 from instdisc.errors import InstdiscError
-from instdisc.export import load_encoder, read_export
+from instdisc.export import read_export
+from instdisc.source import load_encoder
 from instdisc.source import open_model
 from instdisc.training.checkpoint import load_run, read_checkpoint
 from instdisc_cli.main import cli

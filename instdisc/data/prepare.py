@@ -112,7 +112,7 @@ def prepare_cache(data, out: str | os.PathLike, *, image_size: int | None = None
     rows decoded and written at a time (default about 64 MiB of pixels). See the module docstring.
     """
     from ..atomic import check_free_space, check_writable_dir
-    from ..export.atomic_dir import clean_stale_siblings
+    from ..atomic_dir import clean_stale_siblings
     from ..progress_bar import ProgressBar
     from .spec import build_dataset
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..bank import BANK_DTYPES, MemoryBank
+from ..bank import MemoryBank, check_storage_dtype
 from ..errors import InstdiscError
 from .partition import StridedPartition
 
@@ -60,15 +60,16 @@ class ShardedBank(MemoryBank):
     """The ``partition.size`` x D rows of one rank (see the module docstring). ``n_data`` is the LOCAL row count."""
 
     def __init__(self, partition: StridedPartition, dim: int, *, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 draw: bool = True) -> None:
         nn.Module.__init__(self)
         if int(dim) < 1:
             raise InstdiscError(f"bank dim must be >= 1, got {dim}")
-        if dtype not in BANK_DTYPES:
-            raise InstdiscError(f"bank dtype must be one of float32, float64, float16, bfloat16, got {dtype}")
+        check_storage_dtype(dtype)
         self.partition = partition
         self.n_data, self.dim = partition.size, int(dim)
-        memory = draw_shard(partition, self.dim, dtype=dtype, generator=generator).to(device)  # n_r x D
+        memory = (draw_shard(partition, self.dim, dtype=dtype, generator=generator).to(device) if draw
+                  else torch.zeros(self.n_data, self.dim, dtype=dtype, device=device))  # n_r x D
         self.register_buffer("memory", memory, persistent=True)
 
     def extra_repr(self) -> str:

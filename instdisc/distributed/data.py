@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InstdiscError
-from ..training import loop as _loop
+from ..training.batches import Batches, data_error_text
 from .partition import StridedPartition
 
 __all__ = ["ShardedBatches", "local_batch_size"]
@@ -28,8 +28,10 @@ def local_batch_size(global_batch: int, world: int) -> int:
     return global_batch // world
 
 
-class ShardedBatches(_loop._Batches):
-    """The loop's ``_Batches`` for one rank: yields (idx (B/W,) GLOBAL slots of this rank, [views]) per step."""
+class ShardedBatches(Batches):
+    """The loop's :class:`~instdisc.training.batches.Batches` for one rank: yields (idx (B/W,) GLOBAL slots of this
+    rank, [views]) per step. Overrides only the permutation, the batch size, the rank in the seeds and the report
+    of an unreadable image."""
 
     def __init__(self, cfg, ds, device: torch.device, use_batch_aug: bool, partition: StridedPartition,
                  on_data_error=None):
@@ -47,30 +49,14 @@ class ShardedBatches(_loop._Batches):
         perm = super().permutation(epoch)  # (N,)
         return perm[self.partition.owner(perm) == self.partition.rank]
 
-    def epoch(self, epoch: int, start: int):
-        cfg, b, r = self.cfg, self.batch_size, self.partition.rank
-        perm = self.permutation(epoch)[: self.steps_per_epoch * b].view(self.steps_per_epoch, b)
-        if self.use_batch_aug:  # augmentation stream seeded by (seed, epoch, step, rank)
-            for s in range(start, self.steps_per_epoch):
-                idx = perm[s]
-                x = self.array[idx.to(self.array.device)].to(self.device, non_blocking=True)  # (b, C, H, W) uint8
-                g = torch.Generator(device=self.device).manual_seed(_loop._mix(cfg.seed, epoch, s, 2, r))
-                yield idx, [self.aug(x, generator=g) for _ in range(cfg.views)]
-        else:  # per-sample seeds (seed, epoch, slot): every image gets the crops of a single-process run
-            src = _loop._SeededTwoView(self.ds, self.transform, cfg.seed, epoch, cfg.views)
-            init = getattr(_loop, "_ignore_sigint", None) if cfg.workers else None
-            workers_seed = torch.Generator().manual_seed(_loop._mix(cfg.seed, epoch, 4, r))  # not the global RNG
-            loader = torch.utils.data.DataLoader(src, batch_sampler=[q.tolist() for q in perm[start:]],
-                                                 num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
-                                                 persistent_workers=False, worker_init_fn=init,
-                                                 generator=workers_seed)
-            try:
-                for xs, idx in _loop._worker_batches(loader):  # Ctrl-C protection of the workers, as one process
-                    yield idx, [x.to(self.device, non_blocking=True) for x in xs]
-            except InstdiscError as e:
-                if self.on_data_error is None:
-                    raise
-                # every rank must reach the same step boundary to save: hand the loop a batch it will not use;
-                # its stop check (a collective) sees the error there on every rank
-                self.on_data_error(_loop.data_error_text(e))
-                yield None, None
+    def stream_seed(self, *parts: int) -> int:
+        """BatchAugment's views and the DataLoader's base seed: one stream per rank (PIL views are seeded per
+        sample, so every image gets the crops of a single-process run)."""
+        return super().stream_seed(*parts, self.partition.rank)
+
+    def on_unreadable(self, error: InstdiscError) -> None:
+        """Every rank must reach the same step boundary to save: report the error and hand the loop a batch it will
+        not use; its stop check (a collective) sees the error there on every rank."""
+        if self.on_data_error is None:
+            raise error
+        self.on_data_error(data_error_text(error))

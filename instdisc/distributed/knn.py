@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import InstdiscError
 from ..knn import build_index, knn_classify, prepare_features, search
-from ..training import loop as _loop
+from ..training.knn_monitor import KnnMonitor
 from . import comm
 
 __all__ = ["merge_topk", "sharded_search", "DistributedKnnMonitor"]
@@ -86,7 +86,7 @@ def sharded_search(local_gallery, local_ids, queries, k: int, *, device=None, in
     return sims, ids
 
 
-class DistributedKnnMonitor(_loop._KnnMonitor):
+class DistributedKnnMonitor(KnnMonitor):
     """The training-time kNN monitor (bank as gallery) when the bank is sharded: every rank embeds the held-out set
     (small) and searches its own bank rows; the merged neighbours vote (InstDisc: k, exp(s / tau)). A collective."""
 
@@ -95,7 +95,7 @@ class DistributedKnnMonitor(_loop._KnnMonitor):
         self.partition = partition
 
     def __call__(self, model) -> dict:
-        q, q_labels = self._queries(model)
+        q, q_labels = self.queries(model)
         shard = F.normalize(model.objective.bank.memory.float(), dim=1).cpu().numpy()  # (n_r, D)
         owned = self.partition.owned().numpy()  # (n_r,) global slots
         keep = self.train_labels[owned] >= 0  # (n_r,) labelled slots only vote

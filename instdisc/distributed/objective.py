@@ -133,8 +133,8 @@ class ShardedObjective(Objective):
         self.partition = partition
         self.z = ShardedNormaliserZ(self.z.mode, self.z.momentum)
 
-    def _make_bank(self, n_data, dim, dtype, generator):
-        return ShardedBank(self._init_partition, dim, dtype=dtype, generator=generator)
+    def _make_bank(self, n_data, dim, dtype, generator, draw):
+        return ShardedBank(self._init_partition, dim, dtype=dtype, generator=generator, draw=draw)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", shard={self.partition.size} rows on rank {self.partition.rank} " \

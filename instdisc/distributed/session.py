@@ -10,7 +10,8 @@ wait for its index cache).
 What each rank holds: the encoder and head (replicated, DDP keeps them equal), a ``ShardedObjective`` with its
 N/W bank rows, and the batches of its own slots (``ShardedBatches``). Checkpoints gather the bank on rank 0, which
 writes the same file a single process writes (full N x D bank) plus ``distributed: {world_size, ...}``; any world
-size can load it (the bank is re-sliced on load), see :func:`resume_position` for what resuming allows.
+size can load it (the bank is re-sliced on load), see :func:`instdisc.training.strategy.resume_position` for what
+resuming allows.
 """
 from __future__ import annotations
 
@@ -25,28 +26,20 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import InstdiscError
-from ..method import InstDiscModel, _BANK_DTYPES, resolved_k
-from ..models import ProjectionHead, build_encoder
+from ..method import InstDiscModel, build_seeded_model
+from ..training.batches import data_error_message
+from ..training.strategy import SingleProcess, launched_world_size
 from . import comm
 from .data import ShardedBatches, local_batch_size
 from .objective import ShardedObjective
 from .partition import StridedPartition
 
-__all__ = ["DistributedRun", "launched_world_size", "resume_position", "BANK_KEY"]
+__all__ = ["DistributedRun", "BANK_KEY"]
 
 log = logging.getLogger("instdisc.training")
 
 BANK_KEY = "objective.bank.memory"
 PARTITION = "strided"  # slot g on rank g % W
-
-
-def launched_world_size() -> int:
-    """WORLD_SIZE of the environment (torchrun), 1 when unset."""
-    text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    try:
-        return int(text)
-    except ValueError:
-        raise InstdiscError(f"WORLD_SIZE must be an integer, got {text!r}") from None
 
 
 def _env_int(name: str) -> int:
@@ -58,25 +51,6 @@ def _env_int(name: str) -> int:
         return int(text)
     except ValueError:
         raise InstdiscError(f"{name} must be an integer, got {text!r}") from None
-
-
-def resume_position(ckpt: dict, steps_per_epoch: int, world: int) -> tuple[int, int, int]:
-    """(epoch, step_in_epoch, global_step) to continue a checkpoint with ``world`` processes.
-
-    Same world size: exactly where it stopped. Another world size: the shards are re-cut from the full bank, but the
-    batches of an epoch depend on the partition, so only a checkpoint from an epoch end can be continued (a
-    mid-epoch one is refused); the global step is re-counted with this run's steps per epoch."""
-    saved = int((ckpt.get("distributed") or {}).get("world_size", 1))
-    epoch, start, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-    if saved == world:
-        return epoch, start, step
-    if start != 0:
-        raise InstdiscError(f"cannot resume: the checkpoint was saved in the middle of epoch {epoch + 1} (step "
-                            f"{start}) by {saved} process(es) and this run has {world}; resume it with {saved} "
-                            f"process(es), or from a checkpoint saved at an epoch end")
-    log.info("resuming a %d-process checkpoint with %d process(es): bank re-partitioned at the end of epoch %d",
-             saved, world, epoch)
-    return epoch, 0, epoch * steps_per_epoch
 
 
 class _Embedder(nn.Module):
@@ -134,8 +108,9 @@ class _RowArray:
         return len(self.idx)
 
 
-class DistributedRun:
-    """This process's place in a multi-process run, and the loop's distributed hooks (all collectives)."""
+class DistributedRun(SingleProcess):
+    """This process's place in a multi-process run: the run strategy of :mod:`instdisc.training.strategy` for W
+    processes (its hooks that talk to the other ranks are collectives)."""
 
     def __init__(self, rank: int, world: int, local_rank: int, device: torch.device, owns_group: bool):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
@@ -163,7 +138,7 @@ class DistributedRun:
             device, backend = torch.device("cuda", local_rank), "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
-        sync_bn = bool(cfg.extra.get("sync_bn", False))
+        sync_bn = bool(cfg.sync_bn)
         if sync_bn and device.type != "cuda":
             raise InstdiscError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
         owns = False
@@ -219,24 +194,13 @@ class DistributedRun:
 
     # ------------------------------------------------------------------ model
     def build_model(self, cfg, *, n_data: int, in_channels: int, image_size: int) -> InstDiscModel:
-        """The model of ``build_seeded_model`` (same encoder and head weights; bank = this rank's rows of the same
-        initial bank) without ever holding the N x D bank."""
-        from ..training.loop import _mix
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(cfg.seed, 0, 5))
-            gen = torch.Generator().manual_seed(_mix(cfg.seed, 0))
-            encoder = build_encoder(cfg.arch, in_channels=in_channels, image_size=image_size)
-            head = ProjectionHead(encoder.feature_dim, cfg.low_dim, kind=cfg.head)
-            objective = ShardedObjective(n_data, cfg.low_dim, partition=self.partition, k=resolved_k(cfg, n_data), tau=cfg.nce_t,
-                                         m=cfg.nce_m, loss=cfg.loss, negatives=cfg.negatives,
-                                         positive=cfg.positive, in_batch=cfg.in_batch, z_mode=cfg.z_mode,
-                                         bank_weight=cfg.bank_weight, bank_dtype=_BANK_DTYPES[cfg.bank_dtype], generator=gen)
-        model = InstDiscModel(encoder, head, objective)
-        rows = self.partition.size
+        """The model of one process (same encoder and head weights; bank = this rank's rows of the same initial
+        bank) without ever holding the N x D bank."""
+        model = build_seeded_model(cfg, n_data=n_data, in_channels=in_channels, image_size=image_size,
+                                   objective_cls=ShardedObjective, partition=self.partition)
+        rows, size = self.partition.size, model.objective.bank.memory.element_size()
         log.info("sharded memory bank: %d of %d rows on each rank (%.1f MB, the full bank would be %.1f MB)",
-                 rows, n_data, rows * cfg.low_dim * objective.bank.memory.element_size() / 1e6,
-                 n_data * cfg.low_dim * objective.bank.memory.element_size() / 1e6)
+                 rows, n_data, rows * cfg.low_dim * size / 1e6, n_data * cfg.low_dim * size / 1e6)
         return model
 
     def wrap(self, model: InstDiscModel):
@@ -250,28 +214,20 @@ class DistributedRun:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(_Embedder(model.encoder, model.head), device_ids=ids)
 
-    def batches(self, cfg, ds, device, use_batch_aug: bool) -> ShardedBatches:
+    def batches(self, cfg, ds, use_batch_aug: bool) -> ShardedBatches:
         self._data_error = None
-        return ShardedBatches(cfg, ds, device, use_batch_aug, self.partition, on_data_error=self._note_data_error)
+        return ShardedBatches(cfg, ds, self.device, use_batch_aug, self.partition,
+                              on_data_error=self._note_data_error)
 
     def _note_data_error(self, text: str) -> None:
         self._data_error = text
 
-    @torch.no_grad()
-    def init_bank_from_encoder(self, model: InstDiscModel, ds, batch_size: int) -> None:
-        """Each rank embeds its own slots (eval transform) and sets its rows."""
-        from ..features import extract_features
-
-        was = model.training
-        model.eval()
-        mine = self._owned_dataset(ds)
-        feats = extract_features(model.embed, mine, batch_size=batch_size, device=self.device,
-                                 desc=f"memory bank init (rank {self.rank})")
-        model.objective.init_bank(torch.from_numpy(feats.features).to(self.device))
-        model.train(was)
-
-    def _owned_dataset(self, ds):
+    def owned_dataset(self, ds):
+        """This rank's slots of ``ds`` (for the bank initialisation: each rank embeds its own)."""
         return _subset(ds, self.partition.owned().numpy())
+
+    def describe(self, what: str) -> str:
+        return f"{what} (rank {self.rank})"
 
     def health(self, probe, model: InstDiscModel, epoch: int) -> dict:
         """The training-health signals (instdisc.training.health) over the probe slots this rank owns, averaged
@@ -303,10 +259,8 @@ class DistributedRun:
         self._any_data_error = bad > 0
         return stop > 0 or bad > 0
 
-    def raise_data_error(self, steps_done: int) -> None:
+    def raise_pending_data_error(self, steps_done: int) -> None:
         """After the stop checkpoint: InstdiscError on every rank when an image could not be read on any."""
-        from ..training.loop import data_error_message
-
         if not getattr(self, "_any_data_error", False):
             return
         text = getattr(self, "_data_error", None) or "an image could not be read by another process"
@@ -317,9 +271,12 @@ class DistributedRun:
         return self._reduce([float(value)])[0] / self.world
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_info(self, cfg) -> dict:
-        return {"world_size": self.world, "partition": PARTITION, "batch_per_rank": cfg.batch_size // self.world,
-                "backend": dist.get_backend()}
+    def run_info(self, cfg) -> dict:
+        return {"distributed": {"world_size": self.world, "partition": PARTITION,
+                                "batch_per_rank": cfg.batch_size // self.world, "backend": dist.get_backend()}}
+
+    def after_checkpoint(self) -> None:
+        dist.barrier()  # the file exists before any rank goes on
 
     def full_state_dict(self, model: InstDiscModel) -> dict | None:
         """model.state_dict() with the full N x D bank (CPU) on rank 0, None on the others. A collective."""
@@ -331,13 +288,10 @@ class DistributedRun:
         sd[BANK_KEY] = self.partition.interleave(padded).contiguous()  # N x D in global slot order
         return sd
 
-    def data_error(self, steps_done: int) -> None:
-        """The loop's "an image could not be read" save hook, for errors that escape ``ShardedBatches`` (which
-        reports unreadable images through ``any_true`` so that all ranks save together). A checkpoint is a
-        collective that the other ranks cannot join here, so nothing is saved: the run stops with the last one."""
-        import sys
-
-        exc = sys.exc_info()[1]
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1] if exc is not None else "unreadable image"
+    def on_data_error(self, save, steps_done: int, error: BaseException) -> None:
+        """An image could not be read outside ``ShardedBatches`` (which reports unreadable images through
+        ``any_true`` so that all ranks save together; e.g. by the health probe). A checkpoint is a collective that
+        the other ranks cannot join here, so nothing is saved: the run stops with the last one."""
+        text = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         raise InstdiscError(f"{text} (rank {self.rank}, step {steps_done} of this epoch); a distributed run keeps only "
                             f"its last checkpoint (use --save-every): restore or remove the file, then --resume")

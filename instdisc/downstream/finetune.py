@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..seeding import mix_seed as _mix
+from ..seeding import Stream, mix_seed
 from ..errors import InstdiscError
 from .linear import build_capped, check_labelled, num_classes, topk_accuracy
 
@@ -49,7 +49,7 @@ class FinetunedClassifier(nn.Module):
 
 
 class _SeededImages(torch.utils.data.Dataset):
-    """File datasets: image j of an epoch is transformed under torch seed mix(seed, epoch, j)."""
+    """File datasets: image j of an epoch is transformed under torch seed mix_seed(seed, epoch, j, Stream.FINETUNE_VIEWS)."""
 
     def __init__(self, ds, transform, seed: int, epoch: int):
         self.ds, self.t, self.seed, self.epoch = ds, transform, seed, epoch
@@ -60,7 +60,7 @@ class _SeededImages(torch.utils.data.Dataset):
     def __getitem__(self, j):
         img = self.ds.load_image(j)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, j, 11))
+            torch.manual_seed(mix_seed(self.seed, self.epoch, j, Stream.FINETUNE_VIEWS))
             return self.t(img), j
 
 
@@ -71,7 +71,7 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
     from ..data.transforms import eval_transform, train_transform
 
     n = len(ds)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))  # (N,)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, Stream.PERMUTATION)))  # (N,)
     chunks = [perm[s:s + batch_size] for s in range(0, n, batch_size)]
     if len(chunks[-1]) < 2:
         chunks = chunks[:-1]
@@ -82,7 +82,7 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
             if aug is None:
                 yield batch_eval(x, ds), idx
             else:
-                g = torch.Generator(device=device).manual_seed(_mix(seed, epoch, s, 2))
+                g = torch.Generator(device=device).manual_seed(mix_seed(seed, epoch, s, Stream.BATCH_VIEWS))
                 yield aug(x, generator=g), idx
         return
     t = train_transform(ds) if augment else eval_transform(ds)
@@ -127,7 +127,7 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
     """Fine-tune ``model``'s encoder with a new linear predictor on labelled ``train``; report top-1 on ``test``
     and save the result to folder ``out`` (atomically; an existing ``out`` needs ``overwrite``). ``limit`` caps
     the size of each dataset (a fixed subset)."""
-    from ..export.atomic_dir import atomic_directory, check_can_replace
+    from ..atomic_dir import atomic_directory, check_can_replace
     from ..export.encoder import _eval_resize, write_encoder_files
     from ..export.hdf5 import model_sha256
     from ..source import ModelSource, open_model
@@ -151,7 +151,7 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
         raise InstdiscError(f"fine-tuning needs at least 2 training images, {train_ds.spec} has {len(train_ds)}")
 
     with torch.random.fork_rng(devices=[]):  # the new layer's init, without touching global RNG state
-        torch.manual_seed(_mix(seed, 0, 5))
+        torch.manual_seed(mix_seed(seed, 0, Stream.MODEL_INIT))
         net = FinetunedClassifier(src.encoder, c).to(device)
     t0 = time.perf_counter()
     for p in net.parameters():

@@ -3,7 +3,7 @@
 Covered by tests/test_export_encoder.py.
 
 Layout of ``DIR`` (written into a temporary folder beside it and renamed into place, see
-:mod:`instdisc.export.atomic_dir`)::
+:mod:`instdisc.atomic_dir`)::
 
     encoder.pt               encoder state dict (plain tensors; ``torch.load(weights_only=True)``), no key prefix
     head.pt                  projection-head state dict (only with ``with_head=True``)
@@ -30,10 +30,9 @@ from torch import nn
 
 from ..errors import InstdiscError
 from ..version import EXPORT_FORMAT, __version__
-from .atomic_dir import atomic_directory
-from .transform import EncoderTransform
+from ..atomic_dir import atomic_directory
 
-__all__ = ["export_encoder", "read_export", "read_export_metadata", "load_encoder", "load_torchscript",
+__all__ = ["export_encoder", "read_export", "read_export_metadata", "load_torchscript",
            "script_encoder", "write_encoder_files", "parity_max_abs_diff", "EXPORT_KIND", "ENCODER_FILE",
            "HEAD_FILE", "SCRIPT_FILE", "METADATA_FILE", "PARITY_ATOL", "ExportParityError"]
 
@@ -213,7 +212,7 @@ def export_encoder(run: str | os.PathLike, out: str | os.PathLike, *, with_head:
     from ..training.checkpoint import file_sha256, find_checkpoint, load_run
 
     ckpt_path = find_checkpoint(run)
-    from .atomic_dir import check_can_replace
+    from ..atomic_dir import check_can_replace
 
     check_can_replace(out, overwrite, "export folder")  # fail before the (slow) load
     sha = file_sha256(ckpt_path)
@@ -306,20 +305,3 @@ def read_export(path: str | os.PathLike, *, verify: bool = True):
     if meta.get("has_head") and meta.get("head"):
         head = _rebuild_head(encoder.feature_dim, int(meta["low_dim"]), meta["head"], d / HEAD_FILE, d)
     return encoder, head, meta
-
-
-def load_encoder(path: str | os.PathLike, *, device="cpu") -> tuple[nn.Module, EncoderTransform]:
-    """(encoder, eval transform) from an export folder or a training run.
-
-    The encoder is a plain ``nn.Module`` with ``feature_dim``, every parameter trainable, in eval mode (call
-    ``.train()`` to fine-tune it). The transform maps a PIL image to the normalised C x S x S tensor it expects.
-    """
-    from ..source import open_model
-
-    src = open_model(path, device=device)
-    for p in src.encoder.parameters():
-        p.requires_grad_(True)
-    meta = dict(src.meta)
-    if "eval_resize" not in meta:
-        meta["eval_resize"] = _eval_resize((meta.get("data") or {}).get("spec"))
-    return src.encoder, EncoderTransform.from_meta(meta)

@@ -228,7 +228,7 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
 
     _validate(layer, dtype, compression, batch_size)
     out = Path(out)
-    from .atomic_dir import clean_stale_siblings
+    from ..atomic_dir import clean_stale_siblings
 
     clean_stale_siblings(out)  # temp files of killed exports
     old = None  # attributes of an existing target

@@ -7,7 +7,9 @@ from torch import nn
 
 from ..errors import InstdiscError
 
-__all__ = ["ProjectionHead"]
+__all__ = ["ProjectionHead", "HEADS"]
+
+HEADS = ("linear", "mlp")
 
 
 class ProjectionHead(nn.Module):
@@ -23,7 +25,7 @@ class ProjectionHead(nn.Module):
             h = hidden_dim or in_dim
             self.net = nn.Sequential(nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, low_dim))
         else:
-            raise InstdiscError(f"unknown head {kind!r}; choose linear or mlp")
+            raise InstdiscError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
         self.kind = kind
         self.low_dim = low_dim
 

@@ -56,6 +56,7 @@ PANELS: tuple[Panel, ...] = (
 # Fields that are coordinates or bookkeeping, not curves.
 NOT_PLOTTED = frozenset({"type", "epoch", "step", "global_step", "eta_s", "steps_per_s", "seconds"})
 KINDS = ("step", "epoch")
+X_AXES = ("step", "epoch")  # the horizontal axes a figure can use
 
 WIDTH_PX, ROW_PX, HEADER_PX, COLUMNS = 1500, 360, 100, 3
 _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line style, epoch marker) of a panel's fields
@@ -94,8 +95,8 @@ def run_series(records: list[dict], name: str, x: str = "step", where: str | Non
     :data:`NOT_PLOTTED` are not series. Raises InstdiscError, naming ``where`` (default: ``name``), when there is no
     epoch record.
     """
-    if x not in ("step", "epoch"):
-        raise InstdiscError(f"x must be step or epoch, got {x!r}")
+    if x not in X_AXES:
+        raise InstdiscError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     by_kind = {k: [r for r in records if r.get("type") == k] for k in KINDS}
     ends = [r for r in by_kind["epoch"] if _number(r.get("epoch")) > 0 and _number(r.get("global_step")) > 0]
     if not ends:

@@ -1,8 +1,8 @@
 """Training: config, schedule, checkpoints, progress and the loop."""
 from .checkpoint import load_run, read_checkpoint, save_checkpoint
-from .config import RECIPES, TrainConfig
-from .loop import TrainingDiverged, TrainResult, resolve_device, train
+from .config import CHOICES, RECIPES, TrainConfig
+from .loop import TrainingDiverged, TrainResult, train, train_one_epoch
 from .schedule import lr_at
 
-__all__ = ["RECIPES", "TrainConfig", "TrainResult", "TrainingDiverged", "load_run", "lr_at", "read_checkpoint",
-           "resolve_device", "save_checkpoint", "train"]
+__all__ = ["CHOICES", "RECIPES", "TrainConfig", "TrainResult", "TrainingDiverged", "load_run", "lr_at", "read_checkpoint",
+           "save_checkpoint", "train", "train_one_epoch"]

@@ -76,7 +76,8 @@ def load_run(path: str | os.PathLike, map_location="cpu"):
     ckpt = read_checkpoint(path, map_location)
     cfg = TrainConfig.from_dict(ckpt["config"])
     data = ckpt["data"]
-    model = build_model(cfg, n_data=data["n"], in_channels=data["channels"], image_size=data["image_size"])
+    model = build_model(cfg, n_data=data["n"], in_channels=data["channels"], image_size=data["image_size"],
+                        draw_bank=False)  # the rows come from the checkpoint
     model.load_state_dict(ckpt["model"])
     model.eval()
     return cfg, model, ckpt

@@ -4,10 +4,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..bank import DEFAULT_K, auto_k
+from ..bank import BANK_DTYPES, DEFAULT_K, auto_k
+from ..device import DEVICES
 from ..errors import InstdiscError
+from ..models.head import HEADS
+from ..normaliser import Z_MODES
+from ..objective import LOSSES, NEGATIVES, POSITIVES
+from .schedule import SCHEDULES
 
-__all__ = ["TrainConfig", "RECIPES"]
+__all__ = ["TrainConfig", "RECIPES", "CHOICES"]
+
+# The allowed values of each setting that is a choice, each list spelled once (in the module that implements it);
+# the CLI's options and TrainConfig.validate both read them from here.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss": LOSSES, "negatives": NEGATIVES, "positive": POSITIVES, "z_mode": Z_MODES,
+    "bank_dtype": tuple(BANK_DTYPES), "bank_init": ("random", "encoder"), "augment": ("auto", "batch", "pil"),
+    "device": DEVICES, "schedule": SCHEDULES, "head": HEADS,
+}
 
 # Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
 RECIPES: dict[str, dict] = {
@@ -64,6 +77,7 @@ class TrainConfig:
     knn_data: str | None = None
     knn_k: int = 200
     tensorboard: str | None = None     # folder for TensorBoard event files (the metrics.jsonl scalars), needs [plot]
+    sync_bn: bool = False              # distributed runs on CUDA: SyncBatchNorm over the processes
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -90,6 +104,10 @@ class TrainConfig:
         if unknown:
             raise InstdiscError(f"unknown config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
+        extra = dict(d.get("extra") or {})
+        if "sync_bn" in extra:  # runs saved before sync_bn was a setting carried it in extra
+            d.setdefault("sync_bn", bool(extra.pop("sync_bn")))
+            d["extra"] = extra
         if "lr_steps" in d:
             d["lr_steps"] = tuple(d["lr_steps"])
         return cls(**d)
@@ -98,12 +116,7 @@ class TrainConfig:
         def bad(msg: str):
             raise InstdiscError(msg)
 
-        choices = {"loss": ("nce", "infonce", "softmax"), "negatives": ("shared", "per-sample"),
-                   "positive": ("bank", "view", "view+bank", "neighbour", "view+neighbour"), "z_mode": ("first-batch", "running"),
-                   "bank_dtype": ("float32", "float16", "bfloat16"), "bank_init": ("random", "encoder"),
-                   "augment": ("auto", "batch", "pil"), "device": ("auto", "cpu", "cuda"),
-                   "schedule": ("cosine", "step", "constant"), "head": ("linear", "mlp")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 bad(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.nce_t > 0:
@@ -113,7 +126,7 @@ class TrainConfig:
         if self.nce_k is not None and self.nce_k < 0:
             bad(f"--nce-k must be >= 0, got {self.nce_k}")
         if self.nce_k == 0 and self.loss != "softmax" and not (
-                self.loss == "infonce" and self.positive in ("view", "view+bank", "neighbour", "view+neighbour") and self.in_batch):
+                self.loss == "infonce" and self.positive != "bank" and self.in_batch):
             bad("--nce-k 0 (no bank negatives) needs --loss infonce --positive view --in-batch: the in-batch "
                 "negatives are then the only ones")
         if self.positive == "view+bank" and (self.loss != "infonce" or not self.in_batch):

@@ -26,14 +26,13 @@ import torch.nn.functional as F
 
 from ..data.batch_aug import BatchAugment, batch_eval
 from ..data.transforms import eval_transform, train_transform
-from ..seeding import mix_seed
+from ..seeding import Stream, mix_seed
 
 __all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY"]
 
 PROBE_SIZE = 1024  # images in the probe (fewer when the dataset is smaller)
 COLLAPSE_Z_STD = 0.25  # warn when z_std falls below this fraction of 1/sqrt(D)
 COLLAPSE_UNIFORMITY = -0.5  # ... or uniformity rises above this (uniform on the sphere: about -3.9 at D = 128)
-_SALT_PROBE, _SALT_VIEWS = 11, 12  # RNG streams: mix_seed(seed, salt[, epoch])
 
 
 def pairwise_stats(f: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
@@ -66,7 +65,7 @@ class HealthProbe:
                  device: torch.device | str = "cpu") -> None:
         self.ds, self.seed, self.device = ds, int(seed), torch.device(device)
         if slots is None:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, _SALT_PROBE))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, Stream.PROBE))
             slots = torch.randperm(len(ds), generator=g)[: min(PROBE_SIZE, len(ds))].sort().values  # (P,)
         self.slots = slots.to(torch.int64)
         self.array = getattr(ds, "array", None)
@@ -80,11 +79,11 @@ class HealthProbe:
         idx = self.slots
         if self.array is not None:
             x = self.array[idx.to(self.array.device)].to(self.device)  # P x C x H x W uint8
-            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, _SALT_VIEWS, epoch))
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, Stream.PROBE_VIEWS, epoch))
             return batch_eval(x, self.ds), self.aug(x, generator=g), self.aug(x, generator=g)
         imgs = [self.ds.load_image(int(j)) for j in idx]
         with torch.random.fork_rng(devices=[]):  # PIL transforms draw from the global RNG
-            torch.manual_seed(mix_seed(self.seed, _SALT_VIEWS, epoch))
+            torch.manual_seed(mix_seed(self.seed, Stream.PROBE_VIEWS, epoch))
             a = torch.stack([self.train_t(im) for im in imgs])
             b = torch.stack([self.train_t(im) for im in imgs])
         e = torch.stack([self.eval_t(im) for im in imgs])

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lr_at"]
+__all__ = ["lr_at", "SCHEDULES"]
+
+SCHEDULES = ("cosine", "step", "constant")
 
 
 def lr_at(step: int, steps_per_epoch: int, *, base_lr: float, epochs: int, schedule: str = "cosine",

@@ -1,10 +1,10 @@
-"""instdisc.export.atomic_dir: a folder is complete or absent; an old one survives until the new one is done."""
+"""instdisc.atomic_dir: a folder is complete or absent; an old one survives until the new one is done."""
 import os
 
 import pytest
 
 from instdisc.errors import InstdiscError
-from instdisc.export.atomic_dir import atomic_directory
+from instdisc.atomic_dir import atomic_directory
 
 
 def _leftovers(parent):

@@ -1,6 +1,6 @@
 """Build an output directory beside its final name and rename it into place: complete or absent.
 
-Covered by tests/test_export_atomic_dir.py.
+Covered by tests/test_atomic_dir.py.
 """
 from __future__ import annotations
 
@@ -12,28 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..atomic import check_writable_dir, fsync_dir
-from ..errors import InstdiscError
-from ..faultpoints import fault_point
+from .atomic import check_writable_dir, fsync_dir, pid_alive
+from .errors import InstdiscError
+from .faultpoints import fault_point
 
-__all__ = ["atomic_directory", "check_can_replace", "clean_stale_siblings", "pid_alive"]
+__all__ = ["atomic_directory", "check_can_replace", "clean_stale_siblings"]
 
 log = logging.getLogger(__name__)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (a process we may not signal counts as alive)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    return True
 
 
 def clean_stale_siblings(out: str | os.PathLike) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..seeding import Stream, mix_seed
+from ..training.batches import SeededViews
 from ..errors import InstdiscError
 from .linear import build_capped, check_labelled, num_classes, topk_accuracy
 
@@ -46,24 +47,6 @@ class FinetunedClassifier(nn.Module):
         return self.fc(self.encoder(x))  # (B, n_classes)
 
 
-
-
-class _SeededImages(torch.utils.data.Dataset):
-    """File datasets: image j of an epoch is transformed under torch seed mix_seed(seed, epoch, j, Stream.FINETUNE_VIEWS)."""
-
-    def __init__(self, ds, transform, seed: int, epoch: int):
-        self.ds, self.t, self.seed, self.epoch = ds, transform, seed, epoch
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, j):
-        img = self.ds.load_image(j)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, j, Stream.FINETUNE_VIEWS))
-            return self.t(img), j
-
-
 def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, workers: int):
     """Yield (x (B, C, S, S) float on device, idx (B,) long) for one epoch in a seeded order; a last batch of one
     image is dropped (BatchNorm needs two)."""
@@ -86,9 +69,10 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
                 yield aug(x, generator=g), idx
         return
     t = train_transform(ds) if augment else eval_transform(ds)
-    loader = torch.utils.data.DataLoader(_SeededImages(ds, t, seed, epoch), batch_sampler=[c.tolist() for c in chunks],
+    views = SeededViews(ds, t, seed, epoch, 1, stream=Stream.FINETUNE_VIEWS)  # image j: seed (seed, epoch, j, stream)
+    loader = torch.utils.data.DataLoader(views, batch_sampler=[c.tolist() for c in chunks],
                                          num_workers=workers, pin_memory=torch.device(device).type == "cuda")
-    for x, idx in loader:
+    for (x,), idx in loader:
         yield x.to(device, non_blocking=True), idx
 
 

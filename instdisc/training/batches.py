@@ -31,11 +31,12 @@ log = logging.getLogger("instdisc.training")
 
 
 class SeededViews(torch.utils.data.Dataset):
-    """PIL path: sample j of epoch e is augmented under torch seed (seed, e, j, PIL_VIEWS), whatever worker loads
-    it. Yields (([view (C, S, S)] * views), j)."""
+    """PIL path: sample j of epoch e is augmented under torch seed (seed, e, j, stream), whatever worker loads it
+    (stream PIL_VIEWS in training; fine-tuning has its own). Yields ((view (C, S, S),) * views, j)."""
 
-    def __init__(self, ds, transform, seed: int, epoch: int, views: int):
+    def __init__(self, ds, transform, seed: int, epoch: int, views: int, *, stream: int = Stream.PIL_VIEWS):
         self.ds, self.t, self.seed, self.epoch, self.views = ds, transform, seed, epoch, views
+        self.stream = stream
 
     def __len__(self):
         return len(self.ds)
@@ -43,7 +44,7 @@ class SeededViews(torch.utils.data.Dataset):
     def __getitem__(self, j):
         img = self.ds.load_image(j)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, j, Stream.PIL_VIEWS))
+            torch.manual_seed(mix_seed(self.seed, self.epoch, j, self.stream))
             xs = tuple(self.t(img) for _ in range(self.views))
         return xs, j
 

@@ -86,3 +86,15 @@ def make_template_mnist(root: Path, seed: int = 0) -> Path:
         write_idx(root / f"{split}-images-idx3-ubyte", np.clip(np.round(imgs), 0, 255).astype(np.uint8))
         write_idx(root / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests that train for several epochs or big encoders: on a busy 2-core machine two torch threads contend
+    (a tiny run takes ~10x longer); one thread runs them at full speed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -120,3 +120,25 @@ def label_margin(gallery, g_labels, queries) -> float:
     s = unit(queries) @ unit(gallery).T  # (Q, N)
     other = g_labels[:, None] != g_labels[None, :]  # (N, N)
     return float(min(np.abs(row[:, None] - row[None, :])[other].min() for row in s))
+
+
+def knn_margins(gallery, g_labels, queries, *, k: int, tau: float) -> tuple[float, float]:
+    """How far the weighted kNN of each query is from a tie, the smallest over queries: (a) the similarity gap at the
+    top-k boundary between items of different labels (a float32 search cannot swap such items when it is above
+    float32 rounding; swapping same-label items changes a score by a rounding-sized amount only), and (b) the
+    relative gap between the best and the second class score (a prediction cannot flip when it is far above
+    float32 rounding)."""
+    g_labels = np.asarray(g_labels)
+    s = unit(queries) @ unit(gallery).T  # (Q, N)
+    order = np.argsort(-s, axis=1, kind="stable")
+    boundary, score_gap = np.inf, np.inf
+    for row, idx in zip(s, order):
+        sims, labels = row[idx], g_labels[idx]
+        for i in range(k):
+            outside = np.flatnonzero(labels[k:] != labels[i])
+            if len(outside):
+                boundary = min(boundary, sims[i] - sims[k + outside[0]])
+        scores = np.sort([np.exp(sims[:k][labels[:k] == c] / tau).sum() for c in np.unique(labels[:k])])[::-1]
+        if len(scores) > 1:
+            score_gap = min(score_gap, (scores[0] - scores[1]) / scores[0])
+    return float(boundary), float(score_gap)

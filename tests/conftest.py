@@ -63,3 +63,38 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(n)
+
+
+def make_template_mnist(root: Path, seed: int = 0) -> Path:
+    """A Fashion-MNIST-shaped set where nearest neighbours are well posed in float32 whatever the encoder: six
+    checkerboard templates at mean levels 25..230 (label 3, 7, 1, 8, 0, 5), 16 exact copies of each in the training
+    split (96 images); 40 test images mix two adjacent templates 0.7 / 0.3, labelled as the major template except
+    every third, labelled as the minor one. Gallery items of different labels are then never near-tied for a query
+    (see ``_reference.label_margin``), while same-label ties are harmless."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:28, :28]
+    checker = ((yy + xx) % 2) * 2 - 1  # (28, 28) of -1 / +1
+    templates = np.stack([m + 20 * checker for m in (25, 70, 110, 150, 190, 230)]).astype(np.float64)  # (6, 28, 28)
+    t_labels = np.array([3, 7, 1, 8, 0, 5])
+    a = rng.integers(0, 6, 40)
+    b = np.where(a == 0, 1, np.where(a == 5, 4, a + rng.choice([-1, 1], 40)))  # an adjacent template
+    splits = {"train": (np.repeat(templates, 16, axis=0), np.repeat(t_labels, 16)),
+              "t10k": (0.7 * templates[a] + 0.3 * templates[b],
+                       np.where(np.arange(40) % 3 == 0, t_labels[b], t_labels[a]))}
+    for split, (imgs, labels) in splits.items():
+        write_idx(root / f"{split}-images-idx3-ubyte", np.clip(np.round(imgs), 0, 255).astype(np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests that train for several epochs or big encoders: on a busy 2-core machine two torch threads contend
+    (a tiny run takes ~10x longer); one thread runs them at full speed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,6 +3,7 @@ export, incomplete files refused, overwrite semantics, paths for file datasets."
 import h5py
 import numpy as np
 import pytest
+import torch
 from _image_helpers import make_mixed_folder
 from test_train_loop import tiny_cfg
 
@@ -43,15 +44,23 @@ def test_layout_attributes_and_values(run, tmp_path):
     out = tmp_path / "f.h5"
     res = _export(run, out)
     assert res.n == 40 and res.resumed_from == 0
-    src = open_model(run[0])
-    ds = src.prepare(build_dataset("fashion-mnist:test", data_root=str(run[1])))
-    ref = extract_features(src.fn("encoder"), ds, batch_size=8)
+    # Reference, independent of the exporter's feature iterator: the checkpoint's encoder weights in a freshly
+    # built encoder (eval mode), run image by image on the eval-transformed test images ((x / 255 - mean) / std).
+    import _reference
+    ckpt, enc, _ = _reference.load_parts(run[0])
+    ds = build_dataset("fashion-mnist:test", data_root=str(run[1]))
+    x = _reference.eval_inputs(ds, ckpt["data"]["mean"], ckpt["data"]["std"])  # (40, 1, 28, 28)
+    with torch.no_grad():
+        want = torch.cat([enc(x[i:i + 1]) for i in range(len(x))]).numpy()  # (40, 16)
     with h5py.File(out, "r") as f:  # plain h5py
         assert set(f) == {"features", "labels", "indices", "source_indices"}  # in-memory data: no paths
         feats = f["features"]
         assert feats.shape == (40, 16) and feats.dtype == np.float32 and feats.chunks is not None
         assert f["labels"].dtype == np.int64 and f["indices"].dtype == np.int64
-        np.testing.assert_array_equal(feats[()], ref.features)
+        np.testing.assert_allclose(feats[()], want, rtol=1e-5, atol=1e-6)
+        dist = np.abs(feats[()][:, None, :] - want[None, :, :]).max(axis=2)  # (40, 40)
+        np.testing.assert_array_equal(dist.argmin(axis=1), np.arange(40))  # each row is nearest its own image
+        assert (np.sort(dist, axis=1)[:, 1] > 1e-4).all()  # and far from every other: a row mix-up would show
         np.testing.assert_array_equal(f["labels"][()], ds.labels)
         np.testing.assert_array_equal(f["indices"][()], np.arange(40))
         a = dict(f.attrs)

@@ -73,5 +73,18 @@ def test_unknown_recipe_and_keys():
 
 
 def test_recipes_are_valid():
-    for name in RECIPES:
-        TrainConfig.from_recipe(name)
+    """Every recipe builds a config that passes validation, carries each of the recipe's values (they win over the
+    dataclass defaults), names its recipe, survives a to_dict / from_dict round trip and fits a dataset."""
+    assert set(RECIPES) == {"fast", "paper"}
+    defaults = TrainConfig()
+    for name, values in RECIPES.items():
+        cfg = TrainConfig.from_recipe(name)
+        cfg.validate()  # from_recipe validated it; calling again must not raise either
+        assert cfg.recipe == name
+        assert {key: getattr(cfg, key) for key in values} == values
+        untouched = {f for f in cfg.to_dict() if f not in values and f != "recipe"}
+        assert {f: getattr(cfg, f) for f in untouched} == {f: getattr(defaults, f) for f in untouched}
+        assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.resolve_for_data(60000) is not None and cfg.nce_k == 4096
+        cfg.validate_for_data(60000)
+    assert TrainConfig.from_recipe("paper").loss != TrainConfig.from_recipe("fast").loss  # the recipes differ

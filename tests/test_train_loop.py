@@ -9,6 +9,7 @@ from instdisc.errors import InstdiscError
 from instdisc.training import TrainConfig, TrainingDiverged, load_run, train
 from instdisc.method import build_seeded_model
 from instdisc.training.batches import Batches
+from instdisc.training.checkpoint import read_checkpoint
 
 
 def tiny_cfg(root, out, **kw):
@@ -27,27 +28,43 @@ def tiny_cfg(root, out, **kw):
     ("fast", dict(augment="pil")),
 ])
 def test_two_steps_change_params_and_exactly_batch_rows(fake_mnist, tmp_path, recipe, over):
-    cfg = tiny_cfg(fake_mnist, tmp_path / "run", recipe=recipe, epochs=1, nce_k=16, **over)
-    ds = build_dataset(cfg.data, data_root=cfg.data_root)
-    before = build_seeded_model(cfg, n_data=len(ds), in_channels=ds.channels, image_size=ds.image_size)
-    # Two steps: a dataset of exactly 2 batches, so one epoch is two steps.
-    ds2 = build_dataset(cfg.data, data_root=cfg.data_root, limit=32)
-    cfg.limit = 32
-    res = train(cfg, dataset=ds2)
+    """40 images at batch 16: one epoch is 2 steps over 32 rows and the permutation's last 8 rows are left out
+    (steps_per_epoch = N // B drops the remainder). Exactly those 32 bank rows move, for every parameter set: the
+    bank the run starts with (random, or the untrained encoder's embeddings) is read from a run stopped before its
+    first step."""
+    from test_train_resume import StopAfter
+
+    n = 40
+    run_cfg = dict(recipe=recipe, epochs=1, nce_k=16, limit=n, **over)
+    ds = build_dataset("fashion-mnist:train", data_root=str(fake_mnist), limit=n)
+    # The bank the run starts with: a run stopped at its first step boundary saves it, untouched.
+    stopped = train(tiny_cfg(fake_mnist, tmp_path / "start", **run_cfg), dataset=ds, stop_flag=StopAfter(0))
+    assert stopped.interrupted and stopped.global_step == 0
+    start = read_checkpoint(tmp_path / "start")
+    assert (start["epoch"], start["step_in_epoch"], start["step"]) == (0, 0, 0)
+    bank0 = start["model"]["objective.bank.memory"]  # (40, 16)
+    cfg = tiny_cfg(fake_mnist, tmp_path / "run", **run_cfg)
+    seeded = build_seeded_model(cfg, n_data=n, in_channels=ds.channels, image_size=ds.image_size)
+    if cfg.bank_init == "random":  # the seeded model's random bank is the start
+        assert torch.equal(bank0, seeded.objective.bank.memory)
+    else:  # the encoder-initialised start differs from the random draw
+        assert not torch.equal(bank0, seeded.objective.bank.memory)
+    res = train(cfg, dataset=ds)
     assert res.global_step == 2 and np.isfinite(res.last_loss)
     # The model starts from the seeded weights and they changed.
-    start = build_seeded_model(cfg, n_data=32, in_channels=ds.channels, image_size=ds.image_size)
-    changed = [not torch.equal(a, b) for a, b in zip(start.encoder.parameters(), res.model.encoder.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(seeded.encoder.parameters(), res.model.encoder.parameters())]
     assert any(changed)
-    # Bank rows that changed are exactly the rows of the two batches (bank init "random" for this comparison).
-    batches = Batches(cfg, ds2, torch.device("cpu"), use_batch_aug=cfg.augment != "pil")
-    touched = set(batches.permutation(0)[:32].tolist())
-    if cfg.bank_init == "random":
-        diff = (start.objective.bank.memory != res.model.objective.bank.memory).any(dim=1)
-        assert set(torch.nonzero(diff).flatten().tolist()) == touched
-    rows = res.model.objective.bank.memory.float().norm(dim=1)
+    # The rows that changed are exactly the rows of the two batches; the 8 left-over rows are bitwise as they were.
+    batches = Batches(cfg, ds, torch.device("cpu"), use_batch_aug=cfg.augment != "pil")
+    assert batches.steps_per_epoch == 2
+    perm = batches.permutation(0)
+    touched = set(perm[:32].tolist())
+    assert len(touched) == 32 and set(perm[32:].tolist()) == set(range(n)) - touched
+    bank = res.model.objective.bank.memory
+    diff = (bank0 != bank).any(dim=1)
+    assert set(torch.nonzero(diff).flatten().tolist()) == touched
+    rows = bank.float().norm(dim=1)
     torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-3, rtol=0)
-    del before
 
 
 def test_exact_batch_rows_with_encoder_init(fake_mnist, tmp_path):

@@ -61,17 +61,26 @@ def test_as_channels_last_leaves_other_ranks():
 
 
 @pytest.mark.parametrize("amp", [True, False])
-def test_training_records_amp_and_learns(fake_mnist, tmp_path, amp):
-    cfg = tiny_cfg(fake_mnist, tmp_path / "run", amp=amp, limit=32, nce_k=16)
-    ds = build_dataset(cfg.data, data_root=cfg.data_root, limit=32)
+def test_training_records_amp_and_learns(fake_mnist, tmp_path, amp, one_torch_thread):
+    """Six epochs on a fixed 64-image set, with and without bf16 autocast: the epoch mean loss falls and the
+    embeddings spread out (the untrained encoder maps the fake images almost onto one point). Measured (seed 0):
+    loss 3.355 -> 2.821 (amp) and 3.360 -> 2.808 (float32); z_std 0.0003 -> 0.0016 in both."""
+    cfg = tiny_cfg(fake_mnist, tmp_path / "run", amp=amp, limit=64, nce_k=16, epochs=6, lr=0.05)
+    ds = build_dataset(cfg.data, data_root=cfg.data_root, limit=64)
     res = train(cfg, dataset=ds)
-    assert np.isfinite(res.last_loss)
+    assert np.isfinite(res.last_loss) and res.global_step == 6 * 4
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    loss, spread = [r["loss"] for r in epochs], [r["z_std"] for r in epochs]
+    assert len(loss) == 6 and all(np.isfinite(loss))
+    assert loss[-1] < loss[0] - 0.3 and max(loss[1:]) < loss[0] - 0.3, loss
+    assert spread[-1] > 3 * spread[0], spread
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert resolved["amp_resolved"] is (amp and cpu_has_native_bf16())
     # The weights stay float32 whatever the autocast; the checkpoint loads into a fresh contiguous model.
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
     assert not [k for k, v in state.items() if v.dtype in (torch.bfloat16, torch.float16)]
-    fresh = build_seeded_model(cfg, n_data=32, in_channels=ds.channels, image_size=ds.image_size)
+    fresh = build_seeded_model(cfg, n_data=64, in_channels=ds.channels, image_size=ds.image_size)
     fresh.load_state_dict(state)
 
 

@@ -122,6 +122,21 @@ def test_parity_failure_is_reported(run, tmp_path, monkeypatch):
     assert not (tmp_path / "enc").exists()
 
 
+def test_an_encoder_with_nan_weights_is_refused(run, tmp_path):
+    """A NaN difference compares False with the tolerance: the check must refuse it, not write NaN parity."""
+    import shutil
+
+    bad_run = tmp_path / "run"
+    shutil.copytree(run[0], bad_run)
+    ckpt = torch.load(bad_run / "checkpoint.pt", weights_only=True)
+    key = next(k for k in ckpt["model"] if k.startswith("encoder.") and k.endswith("weight"))
+    ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
+    torch.save(ckpt, bad_run / "checkpoint.pt")
+    with pytest.raises(enc_mod.ExportParityError, match="not finite"):
+        export_encoder(bad_run, tmp_path / "enc")
+    assert not (tmp_path / "enc").exists()
+
+
 def test_tampered_weights_and_bad_inputs(run, exported, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -175,6 +176,10 @@ def write_encoder_files(folder: Path, encoder: nn.Module, meta: dict, *, head: n
         diffs.update(parity_max_abs_diff(ref_z, {"torchscript_embed": reloaded_script.embed,
                                                  "reloaded_embed": lambda t: cpu_head(cpu_encoder(t))}, x))
     atol = PARITY_ATOL if device.type == "cpu" else 1e-3  # GPU kernels differ from CPU ones
+    broken = sorted(k for k, v in diffs.items() if not math.isfinite(v))
+    if broken:  # NaN compares False with anything: it would pass the check below
+        raise ExportParityError(f"export parity check failed: the encoder's outputs on the probe batch are not finite "
+                                f"({', '.join(broken)}): its weights are NaN or overflow (a diverged run?)")
     worst = max(diffs, key=diffs.get)
     if diffs[worst] >= atol:
         raise ExportParityError(f"export parity check failed: {worst} differs from the training-time encoder by "

@@ -28,23 +28,14 @@ import numpy as np
 import torch
 
 from ..errors import InstdiscError
-from .dataset import IndexedDataset
+from ..h5file import plain, read_attrs
+from .dataset import IndexedDataset, limit_indices
 
 __all__ = ["CACHE_KIND", "CACHE_FORMAT", "EVAL_CROP", "is_image_cache", "read_cache_attrs", "open_cache"]
 
 CACHE_KIND = "instdisc-image-cache"
 CACHE_FORMAT = 1
 EVAL_CROP = 224 / 256  # evaluation sees the centre of a cached square, the fraction a folder's eval transform keeps
-
-
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def is_image_cache(path: str | os.PathLike) -> bool:
@@ -56,38 +47,15 @@ def is_image_cache(path: str | os.PathLike) -> bool:
         import h5py
 
         with h5py.File(p, "r") as f:
-            return _plain(f.attrs.get("kind")) == CACHE_KIND
+            return plain(f.attrs.get("kind")) == CACHE_KIND
     except (OSError, ValueError):
         return False
 
 
 def read_cache_attrs(path: str | os.PathLike) -> dict:
     """The attributes of an image cache as plain python values; InstdiscError when it is none."""
-    import h5py
-
-    p = Path(path)
-    if not p.is_file():
-        raise InstdiscError(f"image cache not found: {p}")
-    try:
-        with h5py.File(p, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise InstdiscError(f"{p} is not a readable HDF5 file ({str(e).splitlines()[0][:160]})") from None
-    if attrs.get("kind") != CACHE_KIND:
-        raise InstdiscError(f"{p} is not an instdisc image cache (attribute kind is {attrs.get('kind')!r}); make one "
-                            f"with instdisc prepare")
-    if attrs.get("format_version") != CACHE_FORMAT:
-        raise InstdiscError(f"{p} has image-cache format {attrs.get('format_version')}, this instdisc reads "
-                            f"{CACHE_FORMAT}")
-    return attrs
-
-
-def _limit_rows(n: int, limit: int | None, spec: str) -> np.ndarray:
-    if limit is None:
-        return np.arange(n, dtype=np.int64)
-    if limit > n:
-        raise InstdiscError(f"limit {limit} is larger than dataset {spec!r} ({n} images)")
-    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False)).astype(np.int64)
+    return read_attrs(path, kind=CACHE_KIND, format_version=CACHE_FORMAT, what="image cache",
+                      format_name="image-cache", hint="; make one with instdisc prepare")
 
 
 def open_cache(path: str | os.PathLike, *, spec: str | None = None, limit: int | None = None,
@@ -118,7 +86,7 @@ def open_cache(path: str | os.PathLike, *, spec: str | None = None, limit: int |
     # copy-on-write map: writable for torch, the file is never changed, pages are loaded on demand
     mm = np.memmap(p, dtype=np.uint8, mode="c", offset=offset, shape=(n, c, s, s))
     text = spec or f"cache:{p}"
-    rows = _limit_rows(n, limit, text)
+    rows = limit_indices(n, limit, text)
     array = torch.from_numpy(mm) if limit is None else torch.from_numpy(np.ascontiguousarray(mm[rows]))
     classes = json.loads(attrs.get("classes_json") or "[]")
     ds = IndexedDataset(spec=text, labels=labels[rows], classes=classes, channels=c, image_size=image_size or s,

@@ -14,10 +14,21 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import InstdiscError
 from .images import open_image
 from .paths import PathTable
 
-__all__ = ["IndexedDataset"]
+__all__ = ["IndexedDataset", "limit_indices"]
+
+
+def limit_indices(n: int, limit: int | None, spec: str) -> np.ndarray:
+    """The fixed subset of ``--limit``: ``default_rng(0).choice(n, limit, replace=False)``, sorted (all of 0..n-1
+    without limit) -> (limit,) int64."""
+    if limit is None:
+        return np.arange(n, dtype=np.int64)
+    if limit > n:
+        raise InstdiscError(f"limit {limit} is larger than dataset {spec!r} ({n} images)")
+    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False)).astype(np.int64)
 
 
 class IndexedDataset(Dataset):

@@ -31,6 +31,7 @@ import numpy as np
 from ..atomic import sigterm_as_interrupt as _sigterm_as_interrupt
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
+from ..h5file import existing_target, utf8_path
 from ..version import __version__
 from .cache import CACHE_FORMAT, CACHE_KIND, read_cache_attrs
 from .images import RESIZE_RULE, decode_square
@@ -74,18 +75,10 @@ def _create(path: Path, n: int, c: int, s: int, ds, attrs: dict) -> None:
         f.create_dataset("source_indices", data=np.asarray(ds.source_indices, dtype=np.int64))
         names = f.create_dataset("paths", shape=(n,), dtype=h5py.string_dtype("utf-8"))
         for a in range(0, n, 65536):  # bounded memory for millions of names
-            names[a:min(n, a + 65536)] = np.array([_clean(ds.paths[i]) for i in range(a, min(n, a + 65536))],
+            names[a:min(n, a + 65536)] = np.array([utf8_path(ds.paths[i]) for i in range(a, min(n, a + 65536))],
                                                   dtype=object)
         for k, v in attrs.items():
             f.attrs[k] = v
-
-
-def _clean(p: str) -> str:
-    try:
-        p.encode("utf-8")
-        return p
-    except UnicodeEncodeError:
-        return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _decode_block(ds, rows: range, c: int, s: int, pool) -> np.ndarray:
@@ -118,18 +111,7 @@ def prepare_cache(data, out: str | os.PathLike, *, image_size: int | None = None
 
     out = Path(out)
     clean_stale_siblings(out)
-    old = None
-    if out.exists():
-        if not out.is_file():
-            raise InstdiscError(f"{out} exists and is not a file; choose another --out")
-        try:
-            old = read_cache_attrs(out)
-        except InstdiscError:
-            if not overwrite:
-                raise InstdiscError(f"{out} exists and is not an instdisc image cache; pass --overwrite to replace "
-                                    f"it") from None
-        if old is not None and old.get("complete") and not overwrite:
-            raise InstdiscError(f"{out} already exists (a complete cache); pass --overwrite to replace it")
+    old = existing_target(out, read_cache_attrs, overwrite=overwrite, what="image cache", complete="a complete cache")
     if isinstance(data, str):
         ds = build_dataset(data, data_root=data_root, limit=limit, skip_bad_images=skip_bad_images,
                            image_size=image_size, channels=channels, cache_dir=index_cache)

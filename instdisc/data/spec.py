@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InstdiscError
 from .cifar import CIFAR_DATASETS, load_cifar_split
-from .dataset import IndexedDataset
+from .dataset import IndexedDataset, limit_indices
 from .filelist import read_filelist
 from .filelist import save_scan as save_filelist_scan
 from .folder import index_folder
@@ -118,15 +118,6 @@ def _check_limit(limit) -> int | None:
     return int(limit)
 
 
-def _limit_indices(n: int, limit: int | None, spec: str) -> np.ndarray:
-    """The fixed subset: ``default_rng(0).choice(n, limit, replace=False)``, sorted (all of 0..n-1 without limit)."""
-    if limit is None:
-        return np.arange(n, dtype=np.int64)
-    if limit > n:
-        raise InstdiscError(f"limit {limit} is larger than dataset {spec!r} ({n} images)")
-    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False)).astype(np.int64)
-
-
 def _check_channels(channels) -> int | None:
     if channels is None:
         return None
@@ -163,7 +154,7 @@ def _named(spec_text: str, spec: Spec, data_root, limit, image_size) -> IndexedD
         images, labels, classes = load_cifar_split(info, spec.split, root)  # N x 3 x 32 x 32, (N,)
     if len(labels) == 0:
         raise InstdiscError(f"dataset {spec_text!r} in {root} is empty")
-    sel = _limit_indices(len(labels), limit, spec_text)
+    sel = limit_indices(len(labels), limit, spec_text)
     if limit is not None:
         images, labels = images[sel], labels[sel]  # fancy indexing copies
     elif not images.flags.writeable:
@@ -213,7 +204,7 @@ def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, s
         src = read_filelist(spec.path, cache_dir=cache_dir)
         source, save = src.source, (lambda bad: save_filelist_scan(src, bad))
     n = len(src.paths)
-    sel = _limit_indices(n, limit, spec_text)
+    sel = limit_indices(n, limit, spec_text)
     sel = _select_good(src.paths, sel, src.bad, limit is None, save, source, skip_bad_images)
     paths = src.paths if len(sel) == n else src.paths.subset(sel)
     geo = infer_geometry(paths, image_size=image_size, channels=channels)

@@ -177,9 +177,6 @@ class DistributedRun(SingleProcess):
         if self.local_rank == 0:
             dist.barrier()
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     # ------------------------------------------------------------------ checks
     def check_data(self, cfg, n: int, fingerprint: str) -> None:
         """Same dataset on every rank, a global batch the ranks can split, shards holding a batch each."""

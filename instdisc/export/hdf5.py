@@ -40,6 +40,7 @@ import numpy as np
 from ..atomic import sigterm_as_interrupt as _sigterm_as_interrupt
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
+from ..h5file import existing_target, plain, read_attrs, utf8_path
 from ..version import FEATURES_FORMAT, __version__
 
 __all__ = ["export_features", "read_features", "read_features_attrs", "model_sha256", "FeatureExportResult",
@@ -74,39 +75,10 @@ def _h5py():
     return h5py
 
 
-def _plain(v):
-    """h5py attribute value -> plain python (str, bool, int, float, list)."""
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
-
-
 def read_features_attrs(path: str | os.PathLike) -> dict:
     """The attributes of an instdisc features file as plain python values (no data read, no completeness check)."""
-    h5py = _h5py()
-    p = Path(path)
-    if not p.exists():
-        raise InstdiscError(f"features file not found: {p}")
-    try:
-        with h5py.File(p, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise InstdiscError(f"{p} is not a readable HDF5 file ({str(e).splitlines()[0][:160]})") from None
-    if attrs.get("kind") != FEATURES_KIND:
-        raise InstdiscError(f"{p} is an HDF5 file but not an instdisc features file (attribute kind is "
-                            f"{attrs.get('kind')!r})")
-    if attrs.get("format_version") != FEATURES_FORMAT:
-        raise InstdiscError(f"{p} has features format {attrs.get('format_version')}, this instdisc reads "
-                            f"{FEATURES_FORMAT}")
-    return attrs
+    return read_attrs(path, kind=FEATURES_KIND, format_version=FEATURES_FORMAT, what="features file",
+                      format_name="features")
 
 
 def read_features(path: str | os.PathLike, *, allow_incomplete: bool = False):
@@ -163,15 +135,6 @@ def _validate(layer: str, dtype: str, compression: str, batch_size: int) -> None
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _clean_path(p: str) -> str:
-    """Paths as valid UTF-8: undecodable bytes in file names (surrogate escapes) become backslash escapes."""
-    try:
-        p.encode("utf-8")
-        return p
-    except UnicodeEncodeError:
-        return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _create(path: Path, n: int, dim: int, dtype: str, compression: str, has_paths: bool, attrs: dict):
@@ -231,18 +194,9 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
     from ..atomic_dir import clean_stale_siblings
 
     clean_stale_siblings(out)  # temp files of killed exports
-    old = None  # attributes of an existing target
-    if out.exists():  # fail fast, before opening the model and the data
-        if not out.is_file():
-            raise InstdiscError(f"{out} exists and is not a file; choose another --out")
-        try:
-            old = read_features_attrs(out)
-        except InstdiscError:
-            if not overwrite:
-                raise InstdiscError(f"{out} exists and is not an instdisc features file; pass --overwrite to "
-                                    f"replace it") from None
-        if old is not None and old.get("complete") and not overwrite:
-            raise InstdiscError(f"{out} already exists (a complete export); pass --overwrite to replace it")
+    # attributes of an existing target; fail fast, before opening the model and the data
+    old = existing_target(out, read_features_attrs, overwrite=overwrite, what="features file",
+                          complete="a complete export")
     src = model if isinstance(model, ModelSource) else open_model(model, device=device)
     fn = src.fn(layer)  # InstdiscError for "embedding" without a head
     ds = build_dataset(data, data_root=data_root, limit=limit) if isinstance(data, str) else data
@@ -264,7 +218,7 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
     # Where to write: fresh file in place, resume in place, or a temporary file that replaces the target at the end.
     target, start, resumed = out, 0, 0
     if old is not None and not overwrite:  # incomplete (complete ones were refused above): continue it
-        why = _resume_mismatch(old, {k: _plain(v) for k, v in attrs.items()})
+        why = _resume_mismatch(old, {k: plain(v) for k, v in attrs.items()})
         if why:
             raise InstdiscError(f"cannot resume the incomplete {out}: {why}; pass --overwrite to start over")
         batch_size = int(old["batch_size"])
@@ -320,7 +274,7 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
                 ind[s:e] = np.arange(s, e, dtype=np.int64)
                 sind[s:e] = src_idx_all[s:e]
                 if pth is not None:
-                    pth[s:e] = np.array([_clean_path(paths[i]) for i in range(s, e)], dtype=object)
+                    pth[s:e] = np.array([utf8_path(paths[i]) for i in range(s, e)], dtype=object)
                 done, computed = e, computed + (e - s)
                 now = time.perf_counter()
                 if now - last_flush >= flush_every_s:
@@ -341,7 +295,7 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
             f.attrs["completed"] = _now()
             f.attrs["complete"] = True
             f.flush()
-            final_attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            final_attrs = {k: plain(v) for k, v in f.attrs.items()}
             f.close()
     except BaseException:
         try:

@@ -9,6 +9,7 @@ Covered by tests/test_train_strategy.py (one process) and tests/test_distributed
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -20,6 +21,8 @@ from .batches import Batches, DataError, data_error_message
 from .knn_monitor import KnnMonitor
 
 __all__ = ["SingleProcess", "launched_world_size", "resume_position"]
+
+log = logging.getLogger("instdisc.training")
 
 
 def launched_world_size() -> int:
@@ -45,11 +48,8 @@ def resume_position(ckpt: dict, steps_per_epoch: int, world: int) -> tuple[int, 
         raise InstdiscError(f"cannot resume: the checkpoint was saved in the middle of epoch {epoch + 1} (step "
                             f"{start}) by {saved} process(es) and this run has {world}; resume it with {saved} "
                             f"process(es), or from a checkpoint saved at an epoch end")
-    import logging
-
-    logging.getLogger("instdisc.training").info(
-        "resuming a %d-process checkpoint with %d process(es): bank re-partitioned at the end of epoch %d", saved,
-        world, epoch)
+    log.info("resuming a %d-process checkpoint with %d process(es): bank re-partitioned at the end of epoch %d", saved,
+             world, epoch)
     return epoch, 0, epoch * steps_per_epoch
 
 

@@ -83,6 +83,18 @@ def test_mixed_sizes_and_modes_train_end_to_end(tmp_path):
         assert torch.isfinite(ckpt["model"]["objective.bank.memory"]).all()
 
 
+def _put_back_and_resume_to_the_reference(folder, victim, tmp_path, run, args):
+    """Restore the moved-away ``victim``, ``--resume`` the run, and check it ends bitwise as the uninterrupted
+    ``tmp_path/ref`` (checkpoint and metrics records)."""
+    shutil.move(tmp_path / "moved-away.png", victim)
+    r = invoke(folder_args(folder, run, *args, "--resume"))
+    assert r.exit_code == 0, r.output
+    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(run)
+    for key in ("model", "optimizer", "rng", "epoch", "step", "epoch_losses"):
+        assert_bitwise_equal(a[key], b[key], key)
+    assert metrics_records(run) == metrics_records(tmp_path / "ref")
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_file_deleted_mid_run_is_named_progress_kept_and_resume_exact(tmp_path, monkeypatch, workers):
     folder = make_mixed_folder(tmp_path / "imgs", n_per_class=8)
@@ -111,13 +123,7 @@ def test_file_deleted_mid_run_is_named_progress_kept_and_resume_exact(tmp_path, 
     assert 2 <= saved["step"] < 9  # the steps done before the failure are kept (3 epochs x 3 steps)
 
     monkeypatch.setattr(loop, "_step_loss", real_step)
-    shutil.move(tmp_path / "moved-away.png", victim)
-    r = invoke(folder_args(folder, run, *args, "--resume"))
-    assert r.exit_code == 0, r.output
-    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(run)
-    for key in ("model", "optimizer", "rng", "epoch", "step", "epoch_losses"):
-        assert_bitwise_equal(a[key], b[key], key)
-    assert metrics_records(run) == metrics_records(tmp_path / "ref")
+    _put_back_and_resume_to_the_reference(folder, victim, tmp_path, run, args)
 
 
 def test_file_unreadable_at_the_epochs_health_probe_is_saved_and_resume_exact(tmp_path, monkeypatch):
@@ -149,10 +155,4 @@ def test_file_unreadable_at_the_epochs_health_probe_is_saved_and_resume_exact(tm
     assert (saved["epoch"], saved["step_in_epoch"], saved["step"]) == (0, 3, 3)
 
     monkeypatch.setattr(loop.HealthProbe, "__call__", real_probe)
-    shutil.move(tmp_path / "moved-away.png", victim)
-    r = invoke(folder_args(folder, run, *args, "--resume"))
-    assert r.exit_code == 0, r.output
-    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(run)
-    for key in ("model", "optimizer", "rng", "epoch", "step", "epoch_losses"):
-        assert_bitwise_equal(a[key], b[key], key)
-    assert metrics_records(run) == metrics_records(tmp_path / "ref")
+    _put_back_and_resume_to_the_reference(folder, victim, tmp_path, run, args)

@@ -42,7 +42,7 @@ def test_distributed_run_overrides_only_the_strategy_interface():
     from instdisc.distributed.session import DistributedRun
 
     assert issubclass(DistributedRun, SingleProcess)
-    assert _public(DistributedRun) - _public(SingleProcess) <= {"from_env", "barrier"}
+    assert _public(DistributedRun) - _public(SingleProcess) == {"from_env"}
 
 
 def test_the_loop_holds_no_distributed_branch():

@@ -177,3 +177,16 @@ def test_matches_per_sample_reference(meta):
         if meta.channels == 3 and p["gray"][i]:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         assert torch.allclose(out[i], (img - mean) / std, atol=2e-3), i
+
+
+@pytest.mark.parametrize("meta", [RGB, GRAY])
+@pytest.mark.parametrize("chunk_pixels", [1, 3 * 32 * 32, 1 << 30])
+def test_cpu_chunks_give_the_values_of_one_pass(meta, chunk_pixels, monkeypatch):
+    """On a CPU the batch is augmented a few samples at a time (cache-sized chunks): bit for bit the values of one
+    pass over the whole batch, whatever the chunk (1 sample, 3 samples across jitter-group borders, all)."""
+    x = batch(meta, b=37)
+    aug = BatchAugment(meta, grayscale_p=0.3)
+    monkeypatch.setattr(ba, "CPU_CHUNK_PIXELS", 1 << 40)  # one chunk: the whole batch
+    whole = aug(x, gen(7))
+    monkeypatch.setattr(ba, "CPU_CHUNK_PIXELS", chunk_pixels)
+    assert torch.equal(aug(x, gen(7)), whole)

@@ -257,21 +257,29 @@ def _photo_like(w=500, h=375, seed=0):
     return Image.fromarray((base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8), "RGB")
 
 
-@pytest.mark.parametrize("size", [32, 64, 96])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_jpeg_draft_matches_full_decode_within_tolerance(tmp_path, size, mode):
+def test_jpeg_draft_matches_full_decode_within_tolerance(tmp_path, mode):
     """The documented tolerance (docs/large-collections.md): reduced-scale decode + resize vs full decode + the same
-    resize, 0..255 levels: mean |diff| < 1.5, 99th percentile <= 6."""
+    resize, 0..255 levels: mean |diff| < 1.5, 99th percentile <= 6, at every size where a draft applies (sizes such
+    as 56 or 68 px, where the halved 500x375 -> 250x188 rounds the resized width differently, once missed it by
+    a mean of 5-6 levels: the geometry now comes from the file's own size)."""
     from instdisc.data.images import DRAFT_MARGIN, decode_square, open_image, resize_short_side
 
     p = tmp_path / "photo.jpg"
     _photo_like().save(p, quality=90)
-    drafted = open_image(str(p), mode, min_side=int(np.ceil(DRAFT_MARGIN * size)))
-    assert min(drafted.size) < 375 and min(drafted.size) >= DRAFT_MARGIN * size  # it did decode smaller
-    got = np.asarray(decode_square(str(p), mode, size)).astype(int)
-    ref = np.asarray(resize_short_side(open_image(str(p), mode), size)).astype(int)
-    d = np.abs(got - ref)
-    assert got.shape == ref.shape and d.mean() < 1.5 and np.percentile(d, 99) <= 6, (d.mean(), d.max())
+    full = open_image(str(p), mode)
+    drafted_sizes = set()
+    for size in sorted(set(range(8, 134, 3)) | {32, 56, 64, 68, 96, 133}):
+        drafted = open_image(str(p), mode, min_side=int(np.ceil(DRAFT_MARGIN * size)))
+        if drafted.size == (500, 375):
+            continue  # 375 < 2 x 1.4 S: no draft, the same pixels
+        assert min(drafted.size) >= DRAFT_MARGIN * size and min(drafted.size) >= 375 // 4  # never 1/8
+        drafted_sizes.add(size)
+        got = np.asarray(decode_square(str(p), mode, size)).astype(int)
+        ref = np.asarray(resize_short_side(full, size)).astype(int)
+        d = np.abs(got - ref)
+        assert got.shape == ref.shape and d.mean() < 1.5 and np.percentile(d, 99) <= 6, (size, d.mean(), d.max())
+    assert {32, 56, 64, 96, 133} <= drafted_sizes
 
 
 def test_draft_only_when_a_halving_is_possible(tmp_path):

@@ -29,9 +29,10 @@ __all__ = ["IMG_EXTENSIONS", "BadImage", "is_image_name", "open_image", "check_i
            "resize_short_side", "decode_square", "DRAFT_MARGIN", "RESIZE_RULE"]
 
 # A JPEG may be decoded at reduced scale while its short side stays >= DRAFT_MARGIN x the size finally needed.
-DRAFT_MARGIN = 1.5
+DRAFT_MARGIN = 1.4
+DRAFT_MAX_REDUCTION = 4  # 1/8 keeps only each 8x8 block's mean (DC): a box filter outside the tolerance
 RESIZE_RULE = ("short side resized to S (PIL bilinear, antialiased), centre crop S x S; JPEGs decoded at reduced "
-               "scale (draft) while the short side stays >= 1.5 S")
+               "scale (draft, 1/2 or 1/4) while the short side stays >= 1.4 S")
 
 # Lower-case suffixes of the files that folder listings pick up.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -65,8 +66,8 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 def draft_for(img: Image.Image, mode: str, min_side: int | None) -> bool:
-    """Ask a JPEG to decode at reduced scale (libjpeg's DCT scaling: 1/2, 1/4, 1/8) keeping its short side at least
-    ``min_side``; only when at least a halving is possible, so other files decode exactly as before. True when the
+    """Ask a JPEG to decode at reduced scale (libjpeg's DCT scaling: 1/2 or 1/4, never 1/8) keeping its short side at
+    least ``min_side``; only when at least a halving is possible, so other files decode exactly as before. True when the
     image will decode smaller. The pixels stay within the tolerance of docs/large-collections.md ("Faster decoding")
     of a full decode followed by the same resize, as long as ``min_side >= DRAFT_MARGIN x`` the final size."""
     if not min_side or img.format != "JPEG":
@@ -76,6 +77,8 @@ def draft_for(img: Image.Image, mode: str, min_side: int | None) -> bool:
     if short < 2 * min_side:
         return False
     want = (math.ceil(w * min_side / short), math.ceil(h * min_side / short))
+    # PIL reduces by the largest of 8, 4, 2 that fits min(w // want_w, h // want_h): keep that below 8
+    want = (max(want[0], w // (2 * DRAFT_MAX_REDUCTION) + 1), max(want[1], h // (2 * DRAFT_MAX_REDUCTION) + 1))
     img.draft(mode if img.mode == "RGB" and mode in ("L", "RGB") else None, want)
     return img.size != (w, h)
 
@@ -85,21 +88,31 @@ def open_image(path: str, mode: str, min_side: int | None = None) -> Image.Image
 
     ``min_side``: the short side the caller needs; a JPEG at least twice as large is decoded at reduced scale
     (:func:`draft_for`). None: full decode."""
+    return _open(path, mode, min_side)[0]
+
+
+def _open(path: str, mode: str, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(image in ``mode``, the file's own (width, height) before any reduced-scale decode)."""
     try:
         with Image.open(path) as img:
+            source_size = img.size
             draft_for(img, mode, min_side)
             img.load()
-            return _to_mode(img, mode)
+            return _to_mode(img, mode), source_size
     except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "this file is unusable"
         raise InstdiscError(f"cannot read image {path}: {_reason(e)}") from None
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """Short side to ``size`` (bilinear, antialiased as PIL does when shrinking), then the centre ``size`` square."""
-    w, h = img.size
+def resize_short_side(img: Image.Image, size: int, source_size: tuple[int, int] | None = None) -> Image.Image:
+    """Short side to ``size`` (bilinear, antialiased as PIL does when shrinking), then the centre ``size`` square.
+
+    ``source_size``: the (width, height) of the file when ``img`` is its reduced-scale decode. The output geometry
+    is then that of the full image (a draft rounds the halved sides up, 375 -> 188, which shifts the aspect ratio
+    and with it the rounded width and the crop by up to a pixel)."""
+    w, h = source_size or img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
+    if (nw, nh) != img.size:
         img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
@@ -107,8 +120,8 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
 
 def decode_square(path: str, mode: str, size: int) -> Image.Image:
     """The image ``prepare`` stores: :data:`RESIZE_RULE` (``size`` x ``size``, in ``mode``)."""
-    img = open_image(path, mode, min_side=math.ceil(DRAFT_MARGIN * size))
-    return resize_short_side(img, size)
+    img, source_size = _open(path, mode, math.ceil(DRAFT_MARGIN * size))
+    return resize_short_side(img, size, source_size)
 
 
 def _reason(e: BaseException) -> str:

@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 10
 DEMO_BATCH ?= 64
 
 .PHONY: setup demo test bench clean fashion-mnist

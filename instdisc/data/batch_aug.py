@@ -89,30 +89,50 @@ def _saturation(x, f):
     return x.mul_(f.view(-1, 1, 1, 1)).add_(gray).clamp_(0.0, 1.0)
 
 
-def _hue(x, shift):
+def _hue(x, shift, work=None):
     """Rotate the HSV hue by ``shift`` turns, keeping HSV value and saturation.
 
     With v = max, c = max - min (chroma) and the hue h6 in sixths of a turn, HSV -> RGB is
     out_n = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, for n = 5, 3, 1 (red, green, blue);
-    a gray pixel (c = 0) stays v whatever its hue. Elementwise ops on the channel planes throughout: reductions
-    over the channel dim are ~30x slower on CPU.
+    a gray pixel (c = 0) stays v whatever its hue. Elementwise ops on the channel planes throughout (reductions
+    over the channel dim are ~30x slower on CPU), written into ``work`` (>= 5 x b x H x W float scratch, see
+    :func:`_hue_workspace`; allocated when None): fresh megabyte temporaries cost more in page faults than the
+    arithmetic, and ``torch.where`` is ~20x slower than a multiply-add blend on CPU.
     """
-    r, g, b = x.unbind(1)  # views, each b x H x W
-    v = torch.maximum(torch.maximum(r, g), b)
-    c = v - torch.minimum(torch.minimum(r, g), b)
-    inv = c.clamp_min(1e-12).reciprocal_()
-    h6 = torch.where(v == r, (g - b).mul_(inv),
-                     torch.where(v == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    n = x.shape[0]
+    if work is None:
+        work = _hue_workspace(x)
+    v, c, h, k, t = (w[:n] for w in work[0])  # each n x H x W
+    mask = work[1][:n]  # n x H x W bool
+    r, g, b = x.unbind(1)  # views, each n x H x W
+    torch.maximum(torch.maximum(r, g, out=v), b, out=v)
+    torch.minimum(torch.minimum(r, g, out=c), b, out=c)
+    torch.sub(v, c, out=c)
+    # h6 * c: (r - g) + 4c where blue is the max, (b - r) + 2c where green is, (g - b) where red is (ties: red, then
+    # green, as a chain of wheres); each branch blended in as h += [max is that channel] * (branch - h)
+    torch.sub(r, g, out=h).add_(c, alpha=4.0)
+    torch.sub(b, r, out=k).add_(c, alpha=2.0).sub_(h)
+    h.addcmul_(t.copy_(torch.eq(v, g, out=mask)), k)
+    torch.sub(g, b, out=k).sub_(h)
+    h.addcmul_(t.copy_(torch.eq(v, r, out=mask)), k)
+    h.mul_(torch.clamp_min(c, 1e-12, out=t).reciprocal_())
     # h6 in [-1, 5) and 6 shift in [-3, 3]: + 12 keeps every k positive, so x - trunc(x) (frac) is the fraction
-    h6.add_((6.0 * shift + 12.0).view(-1, 1, 1))
-    for ch, n in enumerate((5.0, 3.0, 1.0)):  # r, g, b are not read again, so overwriting x is safe
-        k = torch.add(h6, n).div_(6.0).frac_().mul_(6.0).sub_(2.0).abs_()  # |((n + h6) mod 6) - 2|
-        k = torch.rsub(k, 2.0).clamp_(0.0, 1.0).mul_(c)  # clamp(min(k, 4 - k), 0, 1) c for k in [0, 6)
-        x[:, ch] = v - k
+    h.add_((6.0 * shift + 12.0).view(-1, 1, 1))
+    for ch, off in enumerate((5.0, 3.0, 1.0)):  # r, g, b are not read again, so overwriting x is safe
+        torch.add(h, off, out=k).div_(6.0).frac_().mul_(6.0).sub_(2.0).abs_()  # |((off + h6) mod 6) - 2|
+        k.neg_().add_(2.0).clamp_(0.0, 1.0).mul_(c)  # clamp(min(k, 4 - k), 0, 1) c for k in [0, 6)
+        torch.sub(v, k, out=x[:, ch])
     return x
 
 
+def _hue_workspace(x):
+    """Scratch for :func:`_hue` on batches like ``x`` (b x 3 x H x W) or smaller: (5 float planes, 1 bool plane)."""
+    b, _, hh, ww = x.shape
+    return (x.new_empty(5, b, hh, ww), torch.empty(b, hh, ww, dtype=torch.bool, device=x.device))
+
+
 _OPS = (_brightness, _contrast, _saturation, _hue)
+_HUE = 3  # index of _hue in _OPS
 
 
 class BatchAugment:
@@ -266,6 +286,9 @@ class BatchAugment:
         # across the ~40 elementwise passes of the jitter; every step is per sample, so the values are those of
         # one pass (tested). On a GPU one pass.
         chunk = max(1, CPU_CHUNK_PIXELS // self.image_size ** 2) if x.device.type == "cpu" else b
+        work = None  # the hue rotation's scratch, allocated once for all chunks when a group needs it
+        if self.strengths[_HUE] > 0:
+            work = _hue_workspace(result[:min(chunk, b)])
         start = 0
         for count, ops in groups:
             for s in range(start, start + count, chunk):
@@ -274,7 +297,10 @@ class BatchAugment:
                 part.clamp_(0.0, 1.0)
                 f = p["factors"][s:e]  # n x 4
                 for k in ops:
-                    _OPS[k](part, f[:, k])
+                    if k == _HUE:
+                        _hue(part, f[:, k], work)
+                    else:
+                        _OPS[k](part, f[:, k])
                 if self.grayscale_p > 0:
                     idx = p["gray"][s:e].nonzero().squeeze(1)
                     if idx.numel():

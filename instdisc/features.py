@@ -4,6 +4,7 @@ Covered by tests/test_features.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -13,7 +14,7 @@ import torch
 
 from .data.transforms import eval_transform
 
-__all__ = ["Features", "extract_features", "iter_feature_batches"]
+__all__ = ["Features", "extract_features", "iter_feature_batches", "eval_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,17 @@ class Features:
     features: np.ndarray  # (N, D) float32
     labels: np.ndarray    # (N,) int64, -1 = unlabeled
     indices: np.ndarray   # (N,) int64 dataset index of each row
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode inside the block; its train / eval mode as it was afterwards (also on error)."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 def _array_batches(dataset, start: int, batch_size: int, device) -> Iterator[tuple[np.ndarray, torch.Tensor]]:

@@ -15,6 +15,7 @@ moved to the data's, so a CPU generator gives the same crops whether the batch i
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -286,9 +287,9 @@ class BatchAugment:
         # across the ~40 elementwise passes of the jitter; every step is per sample, so the values are those of
         # one pass (tested). On a GPU one pass.
         chunk = max(1, CPU_CHUNK_PIXELS // self.image_size ** 2) if x.device.type == "cpu" else b
-        work = None  # the hue rotation's scratch, allocated once for all chunks when a group needs it
+        jitter = list(_OPS)  # the hue rotation writes into scratch allocated once for all chunks
         if self.strengths[_HUE] > 0:
-            work = _hue_workspace(result[:min(chunk, b)])
+            jitter[_HUE] = functools.partial(_hue, work=_hue_workspace(result[:min(chunk, b)]))
         start = 0
         for count, ops in groups:
             for s in range(start, start + count, chunk):
@@ -297,10 +298,7 @@ class BatchAugment:
                 part.clamp_(0.0, 1.0)
                 f = p["factors"][s:e]  # n x 4
                 for k in ops:
-                    if k == _HUE:
-                        _hue(part, f[:, k], work)
-                    else:
-                        _OPS[k](part, f[:, k])
+                    jitter[k](part, f[:, k])
                 if self.grayscale_p > 0:
                     idx = p["gray"][s:e].nonzero().squeeze(1)
                     if idx.numel():

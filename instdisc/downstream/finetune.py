@@ -78,13 +78,11 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
 
 @torch.no_grad()
 def evaluate(model: FinetunedClassifier, ds, *, device, batch_size: int = 512, workers: int = 0) -> dict:
-    from ..features import extract_features
+    from ..features import eval_mode, extract_features
 
-    was = model.training
-    model.eval()
-    res = extract_features(model, ds, batch_size=batch_size, device=device, workers=workers,
-                           desc="finetune evaluation")  # logits (N, C)
-    model.train(was)
+    with eval_mode(model):
+        res = extract_features(model, ds, batch_size=batch_size, device=device, workers=workers,
+                               desc="finetune evaluation")  # logits (N, C)
     return topk_accuracy(torch.from_numpy(res.features), torch.from_numpy(res.labels))
 
 

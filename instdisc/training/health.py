@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..data.batch_aug import BatchAugment, batch_eval
 from ..data.transforms import eval_transform, train_transform
+from ..features import eval_mode
 from ..seeding import Stream, mix_seed
 
 __all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY"]
@@ -97,17 +98,13 @@ class HealthProbe:
         if slots is not None and slots.numel() == 0:
             return {}
         keep = None if slots is None else torch.isin(self.slots, slots.to(self.slots.device))
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             e, a, b = self._inputs(epoch)
             if keep is not None:
                 e, a, b = e[keep], a[keep], b[keep]
             f = F.normalize(model.embed(e).float(), dim=1)  # P x D
             za = F.normalize(model.embed(a).float(), dim=1)  # P x D
             zb = F.normalize(model.embed(b).float(), dim=1)  # P x D
-        finally:
-            model.train(was)
         bank = model.objective.bank.memory
         r = (self.slots if keep is None else self.slots[keep]) if rows is None else rows
         v = F.normalize(bank.index_select(0, r.to(bank.device)).float(), dim=1).to(f.device)  # P x D

@@ -10,7 +10,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from ..errors import InstdiscError
-from ..features import extract_features
+from ..features import eval_mode, extract_features
 
 __all__ = ["KnnMonitor"]
 
@@ -52,10 +52,8 @@ class KnnMonitor:
 
     def queries(self, model) -> tuple[np.ndarray, np.ndarray]:
         """The labelled held-out images' embeddings (eval mode) -> (Q, D) float32, their labels (Q,)."""
-        was = model.training
-        model.eval()
-        test = extract_features(model.embed, self.test_ds, device=self.device, desc="kNN monitor features")
-        model.train(was)
+        with eval_mode(model):
+            test = extract_features(model.embed, self.test_ds, device=self.device, desc="kNN monitor features")
         return test.features[self.query_rows], test.labels[self.query_rows]
 
     def __call__(self, model) -> dict:

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import InstdiscError
-from ..features import extract_features
+from ..features import eval_mode, extract_features
 from ..method import InstDiscModel, build_seeded_model
 from .batches import Batches, DataError, data_error_message
 from .knn_monitor import KnnMonitor
@@ -100,12 +100,10 @@ class SingleProcess:
     @torch.no_grad()
     def init_bank_from_encoder(self, model: InstDiscModel, ds, batch_size: int) -> None:
         """This process's bank rows <- the untrained encoder + head's embeddings of its samples (eval transform)."""
-        was = model.training
-        model.eval()
-        feats = extract_features(model.embed, self.owned_dataset(ds), batch_size=batch_size, device=self.device,
-                                 desc=self.describe("memory bank init"))
+        with eval_mode(model):
+            feats = extract_features(model.embed, self.owned_dataset(ds), batch_size=batch_size,
+                                     device=self.device, desc=self.describe("memory bank init"))
         model.objective.init_bank(torch.from_numpy(feats.features).to(self.device))
-        model.train(was)
 
     def health(self, probe, model: InstDiscModel, epoch: int) -> dict:
         """The training-health signals of the probe (instdisc.training.health)."""

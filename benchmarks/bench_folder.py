@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from instdisc.allocator import keep_freed_memory
 from instdisc.data import build_dataset
 from instdisc.data.images import open_image, resize_short_side
 from instdisc.data.prepare import prepare_cache
@@ -177,11 +178,15 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=600, help="images of the prepare-1t rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for BatchAugment")
     p.add_argument("--threads-prepare", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's allocator as it is (instdisc commands keep freed memory: instdisc/allocator.py)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "instdisc-bench-folder"))
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
+    if not args.default_allocator:
+        keep_freed_memory()  # as every instdisc command does; the same for every row (it is process-wide)
     sizes = [int(s) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
     jpegs = make_jpegs(os.path.join(args.work, f"jpeg-{args.n}"), args.n)
@@ -194,9 +199,10 @@ def main() -> None:
 
     def save(done: bool) -> None:  # after every row: a long run on a busy machine keeps what it measured
         write_json(out, {"machine": machine_info(), "args": vars(args), "complete": done, "rows": rows,
+                         "allocator_keeps_freed_memory": not args.default_allocator,
                          "command": "python benchmarks/bench_folder.py " + " ".join(
-                             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                             if k not in ("json_out", "work"))})
+                             f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+                             for k, v in vars(args).items() if k not in ("json_out", "work") and v is not False)})
 
     for name, folder, row_sizes in (("jpeg", jpegs, sizes), ("png", pngs, [28])):
         for size in row_sizes:

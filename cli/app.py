@@ -41,7 +41,10 @@ def setup_logging(verbose: bool = False) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """instdisc: memory-bank instance discrimination — train, evaluate (kNN), export."""
+    from instdisc.allocator import keep_freed_memory
+
     setup_logging(verbose)
+    keep_freed_memory()  # CPU steps re-allocate the same large tensors: reuse them (instdisc/allocator.py)
 
 
 def _set_quiet(ctx, param, value):

@@ -39,11 +39,12 @@ def eval_mode(module: torch.nn.Module):
 
 def _array_batches(dataset, start: int, batch_size: int, device) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     from .data.batch_aug import batch_eval
+    from .data.dataset import take_rows
 
     n = len(dataset)
     for s in range(start, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
-        x = dataset.array[idx].to(device, non_blocking=True)  # (b, C, H, W) uint8
+        x = take_rows(dataset.array, idx).to(device, non_blocking=True)  # (b, C, H, W) uint8
         yield idx, batch_eval(x, dataset)
 
 

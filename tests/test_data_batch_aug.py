@@ -190,3 +190,38 @@ def test_cpu_chunks_give_the_values_of_one_pass(meta, chunk_pixels, monkeypatch)
     whole = aug(x, gen(7))
     monkeypatch.setattr(ba, "CPU_CHUNK_PIXELS", chunk_pixels)
     assert torch.equal(aug(x, gen(7)), whole)
+
+
+def test_hue_matches_a_float64_hsv_reference():
+    """_hue against colorsys (float64, from the definition: RGB -> HSV, h + shift mod 1, HSV -> RGB), every
+    shift sign and size, gray pixels, ties between the max channels and pixels at 0 and 1."""
+    import colorsys
+
+    g = gen(11)
+    x = torch.rand(4, 3, 9, 9, generator=g, dtype=torch.float64)
+    x[:, :, 0, :3] = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.0], [0.2, 0.7, 0.7]]).T  # gray, r=g max, g=b max
+    x[:, :, 1, :2] = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]).T
+    shifts = [-0.5, -0.13, 0.27, 0.5]
+    out = ba._hue(x.float(), torch.tensor(shifts))
+    ref = torch.empty_like(x)
+    for n, s in enumerate(shifts):
+        for i in range(9):
+            for j in range(9):
+                h, sat, v = colorsys.rgb_to_hsv(*x[n, :, i, j].tolist())
+                ref[n, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + s) % 1.0, sat, v), dtype=torch.float64)
+    assert (out.double() - ref).abs().max() < 2e-6
+
+
+@pytest.mark.parametrize("rgb, shift, expected", [
+    ((1.0, 0.0, 0.0), 1 / 3, (0.0, 1.0, 0.0)),  # red -> green -> blue -> red
+    ((0.0, 1.0, 0.0), 1 / 3, (0.0, 0.0, 1.0)),
+    ((0.0, 0.0, 1.0), 1 / 3, (1.0, 0.0, 0.0)),
+    ((1.0, 0.0, 0.0), -1 / 3, (0.0, 0.0, 1.0)),
+    ((1.0, 1.0, 0.0), 1 / 6, (0.0, 1.0, 0.0)),  # yellow (a tie of the max) one sixth on: green
+    ((0.8, 0.4, 0.2), 0.5, (0.2, 0.6, 0.8)),  # half a turn: the complement around (max + min) / 2
+    ((0.3, 0.3, 0.3), 0.4, (0.3, 0.3, 0.3)),  # gray stays
+])
+def test_hue_hand_built_cases(rgb, shift, expected):
+    x = torch.tensor(rgb).view(1, 3, 1, 1)
+    out = ba._hue(x.clone(), torch.tensor([shift]))
+    assert torch.allclose(out.view(3), torch.tensor(expected), atol=1e-6)

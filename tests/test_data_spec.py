@@ -128,3 +128,16 @@ def test_default_root_error_names_path(monkeypatch, tmp_path):
     monkeypatch.setattr(spec_mod, "DEFAULT_ROOT", str(tmp_path))
     with pytest.raises(InstdiscError, match=f"expected {os.path.join(str(tmp_path), 'cifar100')}"):
         build_dataset("cifar100")
+
+
+def test_take_rows_is_indexing_by_rows():
+    from instdisc.data.dataset import take_rows
+
+    a = torch.arange(5 * 2 * 3, dtype=torch.uint8).view(5, 2, 3)
+    for idx in ([4, 0, 4], np.array([2, 1], dtype=np.int64), torch.tensor([3]), range(1, 4), []):
+        got = take_rows(a, idx)
+        expected = a[torch.as_tensor(list(idx), dtype=torch.long)]
+        assert torch.equal(got, expected) and got.dtype == a.dtype
+        assert got.data_ptr() != a.data_ptr() or len(got) == 0  # a copy, never a view of the source
+    mm = np.arange(24, dtype=np.uint8).reshape(4, 6)  # not a tensor: indexed as it is
+    assert (take_rows(mm, [3, 1]) == mm[[3, 1]]).all()

@@ -93,47 +93,67 @@ def _saturation(x, f):
 def _hue(x, shift, work=None):
     """Rotate the HSV hue by ``shift`` turns, keeping HSV value and saturation.
 
-    With v = max, c = max - min (chroma) and the hue h6 in sixths of a turn, HSV -> RGB is
-    out_n = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, for n = 5, 3, 1 (red, green, blue);
-    a gray pixel (c = 0) stays v whatever its hue. Elementwise ops on the channel planes throughout (reductions
-    over the channel dim are ~30x slower on CPU), written into ``work`` (>= 5 x b x H x W float scratch, see
-    :func:`_hue_workspace`; allocated when None): fresh megabyte temporaries cost more in page faults than the
-    arithmetic, and ``torch.where`` is ~20x slower than a multiply-add blend on CPU.
+    With v = max, c = max - min (chroma) and the hue h in turns, HSV -> RGB is
+    out_n = v - c * clamp(min(k, 4 - k), 0, 1), k = (6 h + n) mod 6, for n = 5, 3, 1 (red, green, blue).
+    Written with the circular distance d_n = |frac(h + (n + 1) / 6) - 1/2| (so that |k - 2| = 6 d_n wherever the
+    clamp does not cut): out_n = (v - 2c) + 6c * clamp(d_n, 1/6, 1/3). A gray pixel (c = 0) stays v whatever its
+    hue. Elementwise ops on the channel planes throughout (reductions over the channel dim are ~30x slower on CPU),
+    written into ``work`` (>= 6 x b x H x W float scratch, see :func:`_hue_workspace`; allocated when None):
+    fresh megabyte temporaries cost more in page faults than the arithmetic, and on a CPU ops that read or write
+    bool tensors (masks, ``torch.where``) are ~5x slower than float ones, so the masks are written as 0 / 1 floats.
     """
     n = x.shape[0]
     if work is None:
         work = _hue_workspace(x)
-    v, c, h, k, t = (w[:n] for w in work[0])  # each n x H x W
-    mask = work[1][:n]  # n x H x W bool
+    v, c, h, k, t, c6 = work[:, :n]  # each n x H x W
     r, g, b = x.unbind(1)  # views, each n x H x W
     torch.maximum(torch.maximum(r, g, out=v), b, out=v)
     torch.minimum(torch.minimum(r, g, out=c), b, out=c)
     torch.sub(v, c, out=c)
-    # h6 * c: (r - g) + 4c where blue is the max, (b - r) + 2c where green is, (g - b) where red is (ties: red, then
+    # 6 h c: (r - g) + 4c where blue is the max, (b - r) + 2c where green is, (g - b) where red is (ties: red, then
     # green, as a chain of wheres); each branch blended in as h += [max is that channel] * (branch - h)
     torch.sub(r, g, out=h).add_(c, alpha=4.0)
     torch.sub(b, r, out=k).add_(c, alpha=2.0).sub_(h)
-    h.addcmul_(t.copy_(torch.eq(v, g, out=mask)), k)
+    h.addcmul_(torch.eq(v, g, out=t), k)
     torch.sub(g, b, out=k).sub_(h)
-    h.addcmul_(t.copy_(torch.eq(v, r, out=mask)), k)
-    h.mul_(torch.clamp_min(c, 1e-12, out=t).reciprocal_())
-    # h6 in [-1, 5) and 6 shift in [-3, 3]: + 12 keeps every k positive, so x - trunc(x) (frac) is the fraction
-    h.add_((6.0 * shift + 12.0).view(-1, 1, 1))
-    for ch, off in enumerate((5.0, 3.0, 1.0)):  # r, g, b are not read again, so overwriting x is safe
-        torch.add(h, off, out=k).div_(6.0).frac_().mul_(6.0).sub_(2.0).abs_()  # |((off + h6) mod 6) - 2|
-        k.neg_().add_(2.0).clamp_(0.0, 1.0).mul_(c)  # clamp(min(k, 4 - k), 0, 1) c for k in [0, 6)
-        torch.sub(v, k, out=x[:, ch])
+    h.addcmul_(torch.eq(v, r, out=t), k)
+    torch.mul(c, 6.0, out=c6)
+    # hue in turns, rotated; h / (6c) is in [-1/6, 5/6) and the shift in [-1/2, 1/2]: + 2 keeps it positive, so
+    # x - trunc(x) (frac) is the fraction
+    torch.addcdiv((shift + 2.0).view(-1, 1, 1), h, torch.clamp_min(c6, 1e-12, out=t), out=h)
+    torch.add(v, c, alpha=-2.0, out=v)  # v - 2c (v is not read again)
+    for ch, off in enumerate((0.0, 4 / 6, 2 / 6)):  # (n + 1) / 6 mod 1; r, g, b are not read again: x is free
+        (torch.frac(h, out=k) if off == 0.0 else torch.add(h, off, out=k).frac_()).sub_(0.5).abs_()
+        torch.addcmul(v, c6, k.clamp_(1 / 6, 1 / 3), out=x[:, ch])
     return x
 
 
 def _hue_workspace(x):
-    """Scratch for :func:`_hue` on batches like ``x`` (b x 3 x H x W) or smaller: (5 float planes, 1 bool plane)."""
+    """Scratch for :func:`_hue` on batches like ``x`` (b x 3 x H x W) or smaller: 6 float planes (6 x b x H x W)."""
     b, _, hh, ww = x.shape
-    return (x.new_empty(5, b, hh, ww), torch.empty(b, hh, ww, dtype=torch.bool, device=x.device))
+    return x.new_empty(6, b, hh, ww)
 
 
 _OPS = (_brightness, _contrast, _saturation, _hue)
 _HUE = 3  # index of _hue in _OPS
+
+
+def _sample(xf, gx, gy):
+    """Bilinear samples of float n x C x H x W ``xf`` at columns ``gx`` (n, S) x rows ``gy`` (n, S) (grid_sample's
+    normalised coordinates, border padding) -> n x C x S x S."""
+    n, size = gx.shape
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], -1)
+    return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _runs(ops):
+    """[(op, start, end), ...]: the runs of equal values in the list ``ops``."""
+    out, start = [], 0
+    for i in range(1, len(ops) + 1):
+        if i == len(ops) or ops[i] != ops[start]:
+            out.append((ops[start], start, i))
+            start = i
+    return out
 
 
 class BatchAugment:
@@ -226,43 +246,37 @@ class BatchAugment:
         return {"boxes": boxes, "flip": flip, "factors": factors, "order": order, "gray": gray}
 
     # -- application ------------------------------------------------------------------------------------------------
-    def _crop_flip(self, xf: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = xf.shape
-        size = self.image_size
+    def _grid_axes(self, boxes: torch.Tensor, flip: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid_sample's normalised source coordinates of every output column (b, S) and row (b, S).
+
+        Output pixel centre u_n in [-1, 1] maps to input x_n = (cw/W) u_n + (2 left + cw)/W - 1 (align_corners=False).
+        The map is axis-aligned (no rotation or shear), so x depends on the column only and y on the row only."""
         top, left, ch, cw = boxes.unbind(1)
-        # output pixel centre u_n in [-1, 1] maps to input x_n = (cw/W) u_n + (2 left + cw)/W - 1 (align_corners=False)
-        theta = torch.zeros(b, 2, 3, dtype=xf.dtype, device=xf.device)  # b x 2 x 3
-        theta[:, 0, 0] = torch.where(flip, -cw, cw) / w
-        theta[:, 0, 2] = (2 * left + cw) / w - 1
-        theta[:, 1, 1] = ch / h
-        theta[:, 1, 2] = (2 * top + ch) / h - 1
-        # the map is axis-aligned (no rotation or shear): x depends on the column only and y on the row only, so
-        # the grid is two outer sums instead of affine_grid's b x S^2 x 3 by 3 x 2 matmul (same values)
-        base = (torch.arange(size, dtype=xf.dtype, device=xf.device) * 2 + 1) / size - 1  # (S,) pixel centres
-        gx = theta[:, 0, 0, None] * base + theta[:, 0, 2, None]  # b x S
-        gy = theta[:, 1, 1, None] * base + theta[:, 1, 2, None]  # b x S
-        grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], -1)
-        return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)  # b x C x S x S
+        size = self.image_size
+        base = (torch.arange(size, dtype=torch.float32, device=boxes.device) * 2 + 1) / size - 1  # (S,) centres
+        gx = (torch.where(flip, -cw, cw) / w)[:, None] * base + ((2 * left + cw) / w - 1)[:, None]  # b x S
+        gy = (ch / h)[:, None] * base + ((2 * top + ch) / h - 1)[:, None]  # b x S
+        return gx, gy
 
-    def _jitter_groups(self, order: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, list[int]]]]:
-        """Sort the batch so that samples applying the active jitter ops in the same order are adjacent.
+    def _crop_flip(self, xf: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Crop ``boxes`` (b, 4) of float b x C x H x W ``xf``, flip where ``flip``, bilinear -> b x C x S x S."""
+        gx, gy = self._grid_axes(boxes, flip, xf.shape[2], xf.shape[3])
+        return _sample(xf, gx, gy)
 
-        Returns (perm (b,), [(count, op sequence), ...] in perm order): each group is then a contiguous slice of
-        the permuted batch, jittered in place on a view, with no per-op gather/scatter.
-        """
-        active = torch.tensor([k for k, s in enumerate(self.strengths) if s > 0], dtype=order.dtype)
+    def _plan(self, order: torch.Tensor, gray: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+        """A batch order in which the work of every step is done on contiguous slices -> (perm (b,), [key of each
+        sample, in perm order]); a key is (active jitter ops in the sample's own order..., grayscale 0 / 1).
+
+        The keys are sorted lexicographically, so at every step t the samples whose t-th op is the same form
+        contiguous runs (their sequences share a prefix), and the samples turned gray form runs too: each op is
+        applied in place to slices, with no gather/scatter per op. ``order`` (b, 4), ``gray`` (b,) bool."""
+        active = [k for k, st in enumerate(self.strengths) if st > 0]
         b = order.shape[0]
-        if len(active) == 0:
-            return torch.arange(b), [(b, [])]
-        seq = order[torch.isin(order, active)].view(b, len(active))  # b x A: active ops in the order they run
-        code = (seq * 4 ** torch.arange(len(active))).sum(1)  # (b,) one id per sequence
+        seq = order[torch.isin(order, torch.tensor(active, dtype=order.dtype))].view(b, len(active))  # b x A
+        keys = torch.cat([seq, gray.view(b, 1).to(seq.dtype)], 1)  # b x (A + 1), every entry in 0..3
+        code = (keys * 4 ** torch.arange(len(active), -1, -1)).sum(1)  # (b,) first op most significant
         perm = code.argsort(stable=True)
-        _, counts = torch.unique_consecutive(code[perm], return_counts=True)
-        groups, start = [], 0
-        for count in counts.tolist():
-            groups.append((count, seq[perm[start]].tolist()))
-            start += count
-        return perm, groups
+        return perm, [tuple(k) for k in keys[perm].tolist()]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -275,10 +289,12 @@ class BatchAugment:
         if c != self.channels:
             raise ValueError(f"batch has {c} channels, BatchAugment was built for {self.channels}")
         p = self.sample_params(b, h, w, g)  # on the generator's device
-        perm, groups = self._jitter_groups(p["order"].cpu())
+        perm, keys = self._plan(p["order"].cpu(), p["gray"].cpu())
         p = {k: v[perm.to(v.device)].to(x.device) for k, v in p.items()}  # every parameter in permuted order
         dev_perm = perm.to(x.device)
-        xs = x.index_select(0, dev_perm)  # B x C x H x W uint8, permuted
+        # per-batch plan, sliced per chunk below: sampling axes, one factor column per op
+        gx, gy = self._grid_axes(p["boxes"], p["flip"], h, w)  # each b x S
+        factors = [f.contiguous() for f in p["factors"].unbind(1)]  # 4 x (b,)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         result = torch.empty(b, c, self.image_size, self.image_size, dtype=torch.float32, device=x.device)
@@ -290,20 +306,17 @@ class BatchAugment:
         jitter = list(_OPS)  # the hue rotation writes into scratch allocated once for all chunks
         if self.strengths[_HUE] > 0:
             jitter[_HUE] = functools.partial(_hue, work=_hue_workspace(result[:min(chunk, b)]))
-        start = 0
-        for count, ops in groups:
-            for s in range(start, start + count, chunk):
-                e = min(s + chunk, start + count)
-                part = self._crop_flip(to_float(xs[s:e]), p["boxes"][s:e], p["flip"][s:e])  # n x C x S x S
-                part.clamp_(0.0, 1.0)
-                f = p["factors"][s:e]  # n x 4
-                for k in ops:
-                    jitter[k](part, f[:, k])
-                if self.grayscale_p > 0:
-                    idx = p["gray"][s:e].nonzero().squeeze(1)
-                    if idx.numel():
-                        part[idx] = rgb_to_gray(part[idx]).expand(-1, 3, -1, -1)
-                part.sub_(mean).div_(std)
-                result[dev_perm[s:e]] = part  # back to the input order
-            start += count
+        for s in range(0, b, chunk):
+            e = min(s + chunk, b)
+            rows = dev_perm[s:e]
+            part = _sample(to_float(x.index_select(0, rows)), gx[s:e], gy[s:e])  # n x C x S x S
+            part.clamp_(0.0, 1.0)
+            for t in range(len(keys[s]) - 1):  # step t of every sample's own op order, op by op over runs
+                for k, a, z in _runs([q[t] for q in keys[s:e]]):
+                    jitter[k](part[a:z], factors[k][s + a:s + z])
+            for turned, a, z in _runs([q[-1] for q in keys[s:e]]):
+                if turned:
+                    part[a:z] = rgb_to_gray(part[a:z])  # broadcast over the 3 channels
+            part.sub_(mean).div_(std)
+            result.index_copy_(0, rows, part)  # back to the input order
         return result  # B x C x S x S float32

@@ -18,7 +18,19 @@ from ..errors import InstdiscError
 from .images import open_image
 from .paths import PathTable
 
-__all__ = ["IndexedDataset", "limit_indices"]
+__all__ = ["IndexedDataset", "limit_indices", "take_rows"]
+
+
+def take_rows(array, idx) -> torch.Tensor:
+    """Rows ``idx`` (a sequence or tensor of positions) of a B x ... tensor ``array`` -> a new len(idx) x ... tensor
+    on ``array``'s device (or ``array[idx]`` for anything else that indexes like one).
+
+    ``index_select`` copies whole rows; indexing with a tensor (``array[idx]``) is an elementwise gather, on a CPU
+    7-25x slower for image rows (256 rows of 3 x 96 x 96 bytes from an image cache's memory map: 0.35 ms against
+    2.4-9 ms)."""
+    if not isinstance(array, torch.Tensor):
+        return array[idx]
+    return array.index_select(0, torch.as_tensor(idx, dtype=torch.long).to(array.device))
 
 
 def limit_indices(n: int, limit: int | None, spec: str) -> np.ndarray:

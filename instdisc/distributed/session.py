@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data.dataset import take_rows
 from ..errors import InstdiscError
 from ..method import InstDiscModel, build_seeded_model
 from ..training.batches import data_error_message
@@ -73,7 +74,7 @@ def _subset(ds, idx: np.ndarray):
     if ds.array is not None and getattr(ds, "memmapped", False):  # an image cache: read the rows batch by batch
         return _RowsOf(ds, idx)
     if ds.array is not None:
-        out = IndexedDataset(array=ds.array[torch.from_numpy(idx)], **common)
+        out = IndexedDataset(array=take_rows(ds.array, idx), **common)
         out.eval_crop = getattr(ds, "eval_crop", None)
         return out
     paths = ds.paths.subset(idx) if hasattr(ds.paths, "subset") else [ds.paths[i] for i in idx]
@@ -102,7 +103,7 @@ class _RowArray:
         self.base, self.idx = base, idx
 
     def __getitem__(self, rows):
-        return self.base[self.idx[torch.as_tensor(rows)]]  # (b, C, S, S) uint8
+        return take_rows(self.base, self.idx[torch.as_tensor(rows)])  # (b, C, S, S) uint8
 
     def __len__(self) -> int:
         return len(self.idx)

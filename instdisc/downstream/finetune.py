@@ -51,6 +51,7 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
     """Yield (x (B, C, S, S) float on device, idx (B,) long) for one epoch in a seeded order; a last batch of one
     image is dropped (BatchNorm needs two)."""
     from ..data.batch_aug import BatchAugment, batch_eval
+    from ..data.dataset import take_rows
     from ..data.transforms import eval_transform, train_transform
 
     n = len(ds)
@@ -61,7 +62,7 @@ def _batches(ds, epoch: int, batch_size: int, seed: int, augment: bool, device, 
     if getattr(ds, "array", None) is not None:
         aug = BatchAugment(ds) if augment else None
         for s, idx in enumerate(chunks):
-            x = ds.array[idx].to(device)  # (B, C, H, W) uint8
+            x = take_rows(ds.array, idx).to(device)  # (B, C, H, W) uint8
             if aug is None:
                 yield batch_eval(x, ds), idx
             else:

@@ -183,9 +183,9 @@ def _subset(ds, rows: np.ndarray):
     kw = dict(spec=ds.spec, labels=ds.labels[rows], classes=ds.classes, channels=ds.channels,
               image_size=ds.image_size, mean=ds.mean, std=ds.std, source_indices=ds.source_indices[rows])
     if ds.array is not None:
-        import torch
+        from ..data.dataset import take_rows
 
-        return IndexedDataset(array=ds.array[torch.from_numpy(rows)], **kw)
+        return IndexedDataset(array=take_rows(ds.array, rows), **kw)
     return IndexedDataset(paths=[ds.paths[int(i)] for i in rows], **kw)
 
 

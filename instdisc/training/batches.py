@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from ..data.dataset import take_rows
 from ..data.transforms import train_transform
 from ..errors import InstdiscError
 from ..seeding import Stream, mix_seed
@@ -91,7 +92,7 @@ class Batches:
         if self.use_batch_aug:
             for s in range(start, self.steps_per_epoch):
                 idx = perm[s]
-                x = self.array[idx.to(self.array.device)].to(self.device, non_blocking=True)  # (b, C, H, W) uint8
+                x = take_rows(self.array, idx).to(self.device, non_blocking=True)  # (b, C, H, W) uint8
                 g = torch.Generator(device=self.device).manual_seed(self.stream_seed(epoch, s, Stream.BATCH_VIEWS))
                 yield idx, [self.aug(x, generator=g) for _ in range(cfg.views)]
             return

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batch_aug import BatchAugment, batch_eval
+from ..data.dataset import take_rows
 from ..data.transforms import eval_transform, train_transform
 from ..features import eval_mode
 from ..seeding import Stream, mix_seed
@@ -79,7 +80,7 @@ class HealthProbe:
         """(eval view, augmented view a, augmented view b), each P x C x S x S float32 on the device."""
         idx = self.slots
         if self.array is not None:
-            x = self.array[idx.to(self.array.device)].to(self.device)  # P x C x H x W uint8
+            x = take_rows(self.array, idx).to(self.device)  # P x C x H x W uint8
             g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, Stream.PROBE_VIEWS, epoch))
             return batch_eval(x, self.ds), self.aug(x, generator=g), self.aug(x, generator=g)
         imgs = [self.ds.load_image(int(j)) for j in idx]

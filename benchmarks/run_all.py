@@ -17,6 +17,7 @@ SUITE = [
     ("step", ["bench_step.py", "--steps", "6"]),
     ("precision", ["bench_precision.py", "--reps", "5"]),
     ("input", ["bench_input.py", "--n28", "2048", "--n224", "128", "--cap", "5"]),
+    ("batch_aug", ["bench_batch_aug.py", "--rounds", "5"]),
     ("index", ["bench_index.py"]),
     ("knn", ["bench_knn.py", "--quick", "--approx", "ivf,ivfpq"]),
     ("export", ["bench_export.py", "--limit", "5000"]),

@@ -3,15 +3,18 @@
 Same recipe and parameter distributions as :func:`instdisc.data.transforms.train_transform`, drawn per sample:
 
 1. random resized crop (torchvision's sampling: 10 tries of area in ``scale`` x aspect log-uniform in ``ratio``,
-   integer box, centre-crop fallback) and horizontal flip, both done by one ``affine_grid`` + bilinear
-   ``grid_sample`` (no antialiasing: crops of the in-memory datasets are only ever enlarged);
+   integer box, centre-crop fallback) and horizontal flip, both done by one bilinear ``grid_sample`` on an
+   axis-aligned grid (no antialiasing: crops of the in-memory datasets are only ever enlarged);
 2. colour jitter: brightness, contrast, saturation, hue (the last two RGB only), each sample in its own random
    order as ColorJitter does; hue is a rotation of the HSV hue;
 3. random grayscale (RGB only);
 4. normalise with the dataset's mean / std.
 
 All randomness comes from the ``torch.Generator`` passed in; parameters are drawn on the generator's device and
-moved to the data's, so a CPU generator gives the same crops whether the batch is on CPU or GPU.
+moved to the data's, so a CPU generator gives the same crops whether the batch is on CPU or GPU. Every step is
+per sample; the batch is put in an order (:meth:`BatchAugment._plan`) where each jitter step and the grayscale
+apply to contiguous slices, and on a CPU it goes through in cache-sized chunks; the values are those of one pass
+in input order (tested).
 """
 from __future__ import annotations
 

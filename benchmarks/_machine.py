@@ -67,6 +67,14 @@ def machine_info() -> dict:
     }
 
 
+def command_line(script: str, args, skip=("json_out",)) -> str:
+    """The command that reproduces a run: ``python benchmarks/SCRIPT --opt value ...`` from the parsed ``args``
+    (a flag appears when set; options named in ``skip`` are left out)."""
+    opts = [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+            for k, v in vars(args).items() if k not in skip and v is not False]
+    return " ".join([f"python benchmarks/{script}", *opts])
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as indented JSON, atomically (temp file + rename), creating parent folders."""
     path = Path(path)

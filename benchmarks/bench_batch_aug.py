@@ -7,8 +7,8 @@ For each C x S (random uint8 images of S x S, output S): ``--rounds`` rounds of 
 view), then one more pass of ``--rounds`` calls with the module's steps wrapped in timers (each exclusive of the
 others): the crop (``_sample``: grid_sample), ``to_float``, each jitter op, the luma (``rgb_to_gray``: saturation's
 blend and the random grayscale), and the rest (the per-batch plan, the row gather, clamp, the grayscale copy,
-normalisation, the scatter back to the input order). The timers add a little to the total. Like every instdisc command, the process keeps freed memory (``instdisc.allocator``) unless
-``--default-allocator``.
+normalisation, the scatter back to the input order). The timers add a little to the total. Like every instdisc
+command, the process keeps freed memory (``instdisc.allocator``) unless ``--default-allocator``.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import statistics
 import time
 
 try:
-    from ._machine import machine_info, write_json
+    from ._machine import command_line, machine_info, write_json
 except ImportError:
-    from _machine import machine_info, write_json
+    from _machine import command_line, machine_info, write_json
 
 import torch
 
@@ -100,9 +100,7 @@ def main() -> None:
     print("luma: rgb_to_gray, for saturation's blend and the random grayscale (the other columns exclude it)")
     out = args.json_out or __file__.replace("bench_batch_aug.py", "results/bench_batch_aug.json")
     write_json(out, {"machine": machine_info(), "args": vars(args), "rows": rows,
-                     "command": "python benchmarks/bench_batch_aug.py " + " ".join(
-                         f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-                         for k, v in vars(args).items() if k != "json_out" and v is not False)})
+                     "command": command_line("bench_batch_aug.py", args)})
     print(f"wrote {out}")
 
 

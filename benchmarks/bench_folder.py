@@ -32,9 +32,9 @@ import tempfile
 import time
 
 try:
-    from ._machine import machine_info, write_json
+    from ._machine import command_line, machine_info, write_json
 except ImportError:
-    from _machine import machine_info, write_json
+    from _machine import command_line, machine_info, write_json
 
 import numpy as np
 import torch
@@ -200,9 +200,7 @@ def main() -> None:
     def save(done: bool) -> None:  # after every row: a long run on a busy machine keeps what it measured
         write_json(out, {"machine": machine_info(), "args": vars(args), "complete": done, "rows": rows,
                          "allocator_keeps_freed_memory": not args.default_allocator,
-                         "command": "python benchmarks/bench_folder.py " + " ".join(
-                             f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-                             for k, v in vars(args).items() if k not in ("json_out", "work") and v is not False)})
+                         "command": command_line("bench_folder.py", args, skip=("json_out", "work"))})
 
     for name, folder, row_sizes in (("jpeg", jpegs, sizes), ("png", pngs, [28])):
         for size in row_sizes:

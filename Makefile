@@ -19,7 +19,7 @@ $(BIN)/python:
 
 # Idempotent: re-running only checks that the pinned packages are present.
 setup: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,plot]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,plot,timm,export]'
 
 demo: setup
 	@test -d /usr/share/datasets/fashion-mnist || $(MAKE) --no-print-directory fashion-mnist

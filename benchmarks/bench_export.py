@@ -1,6 +1,8 @@
-"""Feature export throughput: ``export_features`` (encoder + HDF5 writing) against pure encoder inference.
+"""Feature export throughput: ``export_features`` (encoder + HDF5 writing) against pure encoder inference; then the
+deploy formats: ONNX Runtime inference against eager PyTorch, and the export time of each format.
 
     python benchmarks/bench_export.py [--limit 5000] [--batch-size 256] [--repeats 5]
+                                      [--deploy-archs convnet-s,timm:resnet10t] [--deploy-only]
                                       [--json-out benchmarks/results/bench_export.json]
 
 Same data (fashion-mnist:test, a fixed --limit subset; synthetic 28 px images when the dataset is absent), same
@@ -14,6 +16,13 @@ the encoder's forward passes inside it: ``other %`` is the share of the run spen
 transform, copies, and for the export rows HDF5 writing), a within-run measure that load affects much less; the
 export rows' ``other %`` minus the inference row's is the writing overhead. Runtime ~30-60 s on 2 cores
 (idle: 4 rows x 5 runs of ~1.2 s; the best run is robust to other load on the machine, the mean is not).
+
+Deploy part (each --deploy-archs encoder untrained, seeded, in eval mode; CPU): ``eager`` = the torch module under
+``torch.inference_mode`` and ``onnxruntime`` = the exported ``encoder.onnx`` in an ONNX Runtime CPU session with as
+many intra-op threads as torch uses, on the same normalised batches (--batch-size images of the same data), best
+of --repeats passes over the data, interleaved; then ``write_encoder_files`` with no format (state dict + reload +
+parity: the base) and with each format alone, each best of --repeats after a warm-up round: the format's seconds
+are that run minus the base (writer + checker).
 """
 from __future__ import annotations
 
@@ -92,15 +101,91 @@ def time_row(src, ds, dtype, compression, batch_size: int, tmp: str) -> tuple[fl
     return secs, timed.seconds, size
 
 
+def deploy_rows(ds, arch: str, batch_size: int, repeats: int, tmp: str) -> dict:
+    """ONNX Runtime vs eager images/s, and export seconds per format, for one untrained encoder."""
+    import onnxruntime as ort
+
+    from instdisc.data import batch_eval
+    from instdisc.export.encoder import FORMATS, write_encoder_files
+
+    torch.manual_seed(0)
+    enc = build_encoder(arch, in_channels=ds.channels, image_size=ds.image_size).eval()
+    meta = {"arch": arch, "channels": ds.channels, "image_size": ds.image_size, "mean": list(ds.mean),
+            "std": list(ds.std), "low_dim": 128, "head": None}
+    times: dict = {}
+    for r in range(repeats + 1):  # round 0: warm-up (imports, first-call costs), not timed
+        for fmt in [None, *FORMATS]:
+            folder = Path(tmp) / f"deploy-{arch.replace(':', '-')}-{fmt}-{r}"
+            folder.mkdir()
+            t0 = time.perf_counter()
+            write_encoder_files(folder, enc, meta, formats=() if fmt is None else (fmt,))
+            if r:
+                times[fmt] = min(times.get(fmt, float("inf")), time.perf_counter() - t0)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(Path(tmp) / f"deploy-{arch.replace(':', '-')}-onnx-1" / "encoder.onnx"), opts,
+                                providers=["CPUExecutionProvider"])
+    batches = [batch_eval(ds.array[i:i + batch_size], ds) for i in range(0, len(ds), batch_size)]  # (B, C, S, S)
+    arrays = [b.numpy() for b in batches]
+    runs = {"eager": [], "onnxruntime": []}
+    with torch.inference_mode():
+        enc(batches[0])
+        sess.run(None, {"image": arrays[0]})  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                enc(b)
+            runs["eager"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for a in arrays:
+                sess.run(None, {"image": a})
+            runs["onnxruntime"].append(time.perf_counter() - t0)
+    n = len(ds)
+    best = {k: min(v) for k, v in runs.items()}
+    return {"arch": arch, "feature_dim": enc.feature_dim, "eager_images_per_s": round(n / best["eager"], 1),
+            "onnxruntime_images_per_s": round(n / best["onnxruntime"], 1),
+            "onnxruntime_speedup": round(best["eager"] / best["onnxruntime"], 3),
+            "export_base_s": round(times[None], 3),
+            "export_s": {f: round(times[f] - times[None], 3) for f in FORMATS},
+            "seconds_all_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()}}
+
+
+def print_deploy(rows: list[dict], n: int, batch_size: int, repeats: int) -> None:
+    print(f"deploy formats: {n} images, batch {batch_size}, CPU, torch threads {torch.get_num_threads()}, best of "
+          f"{repeats}; export seconds: format alone minus the base (state dict + reload + parity)")
+    print(f"{'encoder':<16} {'eager img/s':>12} {'ORT img/s':>10} {'ORT/eager':>10} {'base s':>7} "
+          f"{'torchscript s':>14} {'safetensors s':>14} {'onnx s':>7}")
+    for r in rows:
+        e = r["export_s"]
+        print(f"{r['arch']:<16} {r['eager_images_per_s']:>12.1f} {r['onnxruntime_images_per_s']:>10.1f} "
+              f"{r['onnxruntime_speedup']:>10.2f} {r['export_base_s']:>7.2f} {e['torchscript']:>14.2f} "
+              f"{e['safetensors']:>14.2f} {e['onnx']:>7.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--deploy-archs", default="convnet-s,timm:resnet10t",
+                    help="encoders of the deploy part (comma-separated; empty: skip it)")
+    ap.add_argument("--deploy-only", action="store_true", help="only the deploy part (ONNX Runtime, export times)")
     ap.add_argument("--json-out", default=str(REPO / "benchmarks" / "results" / "bench_export.json"))
     args = ap.parse_args()
 
     ds = dataset(args.limit)
+    deploy = []
+    if args.deploy_archs:
+        with tempfile.TemporaryDirectory(prefix="instdisc-bench-deploy-") as tmp:
+            deploy = [deploy_rows(ds, a, args.batch_size, args.repeats, tmp) for a in args.deploy_archs.split(",")]
+        print_deploy(deploy, len(ds), args.batch_size, args.repeats)
+    if args.deploy_only:
+        path = write_json(args.json_out.replace(".json", "_deploy.json"), {
+            "benchmark": "bench_export (deploy)", "machine": machine_info(),
+            "config": {"data": ds.spec, "n": len(ds), "batch_size": args.batch_size, "repeats": args.repeats},
+            "deploy": deploy})
+        print(f"wrote {path}")
+        return
     src = untrained_source(ds)
     runs: dict[str, list[float]] = {name: [] for name, _, _ in ROWS}
     other: dict[str, list[float]] = {name: [] for name, _, _ in ROWS}  # share of each run outside the encoder
@@ -136,7 +221,7 @@ def main() -> None:
         "benchmark": "bench_export", "machine": machine_info(),
         "config": {"data": ds.spec, "n": n, "batch_size": args.batch_size, "arch": "convnet-s (untrained)",
                    "feature_dim": src.meta["feature_dim"], "repeats": args.repeats},
-        "rows": rows})
+        "rows": rows, "deploy": deploy})
     print(f"wrote {path}")
 
 

@@ -16,7 +16,6 @@ applies to every variant (e.g. ``--set lr=0.1``). Not part of ``make bench`` (it
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ import _machine
 import numpy as np
 import torch
 
+from _quality import PROTOCOL, epoch_records, measure, parse_set, rises_twice  # noqa: F401  (re-exported)
 from instdisc.data import build_dataset
-from instdisc.downstream.linear import fit_linear, topk_accuracy
-from instdisc.features import extract_features
-from instdisc.knn import knn_evaluate
 from instdisc.training import TrainConfig, train
 from instdisc.method import build_seeded_model
 
@@ -42,46 +39,6 @@ VARIANTS: dict[str, dict] = {
     "neighbour": {"positive": "neighbour", "nce_k": 0},  # NNCLR: nearest other bank row as the anchor
     "view+neighbour": {"positive": "view+neighbour", "nce_k": 0},
 }
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def epoch_records(run_dir: Path) -> list[dict]:
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "epoch":
-            rows.append(rec)
-    return rows
-
-
-def rises_twice(losses: list[float]) -> bool:
-    """True when the epoch mean loss rose two epochs in a row somewhere."""
-    return any(losses[i] > losses[i - 1] and losses[i + 1] > losses[i] for i in range(1, len(losses) - 1))
-
-
-def measure(encoder: torch.nn.Module, gallery, queries, linear: bool) -> dict:
-    encoder.eval()
-    with torch.no_grad():
-        a = extract_features(encoder, gallery, batch_size=512)
-        b = extract_features(encoder, queries, batch_size=512)
-    res = knn_evaluate(a.features, a.labels, b.features, b.labels, k=200, tau=0.07)
-    out = {"knn_top1": 100 * res["top1"], "knn_top5": 100 * res["top5"]}
-    if linear:
-        xa, ya = torch.from_numpy(a.features), torch.from_numpy(a.labels)
-        clf = fit_linear(xa, ya, int(ya.max()) + 1, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            out["linear_top1"] = topk_accuracy(clf(torch.from_numpy(b.features)), torch.from_numpy(b.labels))["top1"]
-    return out
 
 
 def main() -> int:
@@ -161,8 +118,7 @@ def main() -> int:
         print(f"{r['n']:>6} {r['batch']:>4} {r['epochs']:>3} {r['variant']:<20} {r['knn_top1']:>6.2f} "
               f"{r.get('linear_top1', float('nan')):>6.2f} {dk:>11} {dl:>11} {'yes' if r['loss_rises_twice'] else 'no':>5}")
     payload = {"machine": _machine.machine_info(), "argv": vars(args), "untrained": untrained, "rows": rows,
-               "protocol": "kNN k=200 tau=0.07 cosine on encoder features, gallery 60k train, queries 10k test; "
-                           "linear probe L-BFGS on whitened encoder features"}
+               "protocol": PROTOCOL}
     path = _machine.write_json(args.json_out, payload)
     print(f"\nwrote {path}")
     return 0

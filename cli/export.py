@@ -5,7 +5,7 @@ import json
 
 import click
 
-from instdisc.export.encoder import export_encoder
+from instdisc.export.encoder import FORMATS, export_encoder
 from instdisc.export.hdf5 import COMPRESSIONS, DTYPES, LAYERS, export_features
 from instdisc.device import DEVICES, resolve_device
 
@@ -16,18 +16,27 @@ from .app import cli, data_options
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(), help="Export folder to create.")
 @click.option("--with-head", is_flag=True, help="Also keep the projection head (embedding z).")
+@click.option("--format", "formats", type=click.Choice(list(FORMATS)), multiple=True,
+              help="Formats to write besides encoder.pt and metadata.json; repeat to pick several [default: all: "
+                   "torchscript (torch.export where the encoder does not script), safetensors, onnx, skipping with "
+                   "a warning one that cannot convert this encoder]. Each file is checked against the "
+                   "training-time encoder before the folder appears.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder (only once the new one is "
                                                 "complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
-def export_encoder_cmd(run_dir, out, with_head, overwrite, as_json):
-    """Export the encoder of RUN_DIR (a training run or its checkpoint) as state dict + TorchScript + metadata."""
-    meta = export_encoder(run_dir, out, with_head=with_head, overwrite=overwrite)
+def export_encoder_cmd(run_dir, out, with_head, formats, overwrite, as_json):
+    """Export the encoder of RUN_DIR (a training run or its checkpoint): state dict, TorchScript, safetensors, ONNX
+    and metadata.json (each file's SHA-256 and measured parity; see docs/evaluation.md)."""
+    meta = export_encoder(run_dir, out, with_head=with_head, overwrite=overwrite, formats=formats or None)
     diff = max(meta["parity"]["max_abs_diff"].values())
     click.echo(f"exported {meta['arch']} encoder ({meta['feature_dim']}-d features"
-               f"{', with head' if with_head else ''}) to {out}; parity max abs diff {diff:.2g}")
+               f"{', with head' if with_head else ''}) to {out} as {', '.join(sorted(meta['files']))}; parity "
+               f"max abs diff {diff:.2g}")
     if as_json:
         click.echo(json.dumps({"out": str(out), "arch": meta["arch"], "feature_dim": meta["feature_dim"],
                                "has_head": meta["has_head"], "parity_max_abs_diff": diff,
+                               "files": sorted(meta["files"]),
+                               "formats": {f: w["max_abs_diff"] for f, w in meta["formats"].items()},
                                "checkpoint_sha256": meta["source"]["checkpoint_sha256"]}))
 
 

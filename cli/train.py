@@ -7,7 +7,9 @@ import signal
 import click
 
 from instdisc.training import CHOICES, RECIPES, TrainConfig, train as train_run
+from instdisc.training.config import DEFAULT_RECIPE
 from instdisc.models import list_encoders
+from instdisc.models.timm_encoder import LIST_HINT as TIMM_LIST_HINT
 
 from .app import cli, data_options
 
@@ -16,9 +18,13 @@ from .app import cli, data_options
 @click.argument("data")
 @click.option("--out", "out", required=True, type=click.Path(), help="Run directory (checkpoint, config, metrics).")
 @data_options
-@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="fast", show_default=True,
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
               help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
-@click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())} [default: convnet-s-pool2].")
+@click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())}, or timm:NAME for any timm model "
+              f"(needs the [timm] extra; list the names with: {TIMM_LIST_HINT}) [default: convnet-s-pool2].")
+@click.option("--init-weights", type=click.Path(), default=None,
+              help="Start the encoder from a local file: a timm / torchvision state dict (.pth, .pt), a .safetensors "
+                   "file, or an instdisc export or run folder (new runs only; recorded with its SHA-256).")
 @click.option("--head", type=click.Choice(CHOICES["head"]), default=None, help="Projection head.")
 @click.option("--low-dim", type=int, default=None, help="Embedding dimension (default 128).")
 @click.option("--nce-k", type=int, default=None, help="Bank negatives K per sample (default 4096; 0: no bank negatives).")
@@ -32,6 +38,14 @@ from .app import cli, data_options
                    "(view vs in-batch negatives + own bank row vs bank negatives).")
 @click.option("--bank-weight", type=float, default=None,
               help="--positive view+bank: weight w of the bank term, 1 - w of the view term (default 0.5).")
+@click.option("--neighbours", type=int, default=None,
+              help="k nearest stored rows (FAISS over the bank) that join the bank term's positive, AND-style "
+                   "(0: off; see docs/bank.md).")
+@click.option("--neighbour-start", type=int, default=None,
+              help="First neighbour search after this many epochs (0: right after the bank's initialisation).")
+@click.option("--neighbour-every", type=int, default=None, help="Search the bank again every this many epochs.")
+@click.option("--neighbour-index", type=click.Choice(CHOICES["neighbour_index"]), default=None,
+              help="FAISS index of the neighbour search (auto: exact up to 60k rows, IVF above).")
 @click.option("--in-batch/--no-in-batch", default=None, help="Also use the batch's other views as negatives.")
 @click.option("--z-mode", type=click.Choice(CHOICES["z_mode"]), default=None, help="NCE normaliser Z.")
 @click.option("--bank-dtype", type=click.Choice(CHOICES["bank_dtype"]), default=None)
@@ -63,6 +77,9 @@ from .app import cli, data_options
                    "[plot] extra).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (a run killed before its "
               "first checkpoint starts again from scratch if its config.json matches).")
+@click.option("--no-verdict", "verdict", flag_value=False, default=None,
+              help="Skip the end-of-run verdict (kNN of the learned vs the untrained encoder vs raw pixels on a "
+                   "held-out slice of the training data; health signals without labels).")
 @click.option("--sync-bn", is_flag=True, default=None,
               help="Distributed runs (torchrun): synchronise BatchNorm statistics across processes (CUDA only).")
 @click.option("--index-cache", type=click.Path(file_okay=False), default=None,

@@ -74,8 +74,14 @@ def knn_benchmark(model: str | Path | None, *, train: str, test: str, k: int = 2
     ``train`` / ``test`` are dataset specs (features computed by ``model``) or HDF5 feature files.
     Returns knn_evaluate's dict (+ ``retrieval`` when asked, + ``feature_seconds``).
     """
-    from .knn import knn_evaluate, retrieval_evaluate
+    from .arguments import check_choice, check_int
+    from .knn import INDEX_KINDS, check_knn_args, knn_evaluate, retrieval_evaluate
 
+    check_knn_args(k, tau)  # every setting that needs no data, before any feature is extracted
+    check_choice(index, "--index", INDEX_KINDS)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(workers, "--workers", 0)
+    check_int(limit, "--limit", 1, optional=True)
     t0 = time.perf_counter()
     needs_model = use_bank or not (is_feature_file(train) and is_feature_file(test))
     src = open_model(model, device=device) if (model is not None and needs_model) else None

@@ -42,8 +42,11 @@ def neighbor_grid(model, *, train: str, query: str, out, n: int = 8, k: int = 10
     """Write the picture to ``out`` (PNG, atomically); returns {"path", "queries", "k", "match_rate"}."""
     from .knn import search
 
+    from .arguments import check_int
+
     if n < 1 or k < 1:
         raise InstdiscError(f"--n and --k must be >= 1, got n={n}, k={k}")
+    check_int(limit, "--limit", 1, optional=True)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InstdiscError(f"--out must be a .png file, got {out}")

@@ -9,9 +9,21 @@ momentum m. Every logit is s / tau with s = z . v, computed as (z / tau) . v.
                            + w [z_i . v_{idx_i} | K bank rows z_i . v_k]: fresh columns compete with fresh ones,
                            stored rows with stored rows (docs/bank.md: one softmax mixing them lets the encoder
                            win by drifting away from its own stale rows); K = 0 leaves the view term alone
+    neighbours (``neighbours`` = k_nb > 0, loss "infonce", positive "bank" or "view+bank"): the bank term's
+              positive is the SET P_i = {idx_i} ∪ N(idx_i), the sample's own row and the k_nb nearest other stored
+              rows of its row (instdisc.bank_neighbours, refreshed by ``refresh_neighbours``), scored as one
+              positive with the log-sum-exp of their logits (AND, Huang et al. 2019):
+                  bank term_i = -log( sum_{j in P_i} e^{s_ij} / (sum_{j in P_i} e^{s_ij} + sum_k e^{s_ik}) )
+              Until the first refresh P_i = {idx_i} (the plain bank term).
+    clusters  (``clusters`` = C > 0, loss "infonce" with in-batch negatives, positive "view" or "view+bank"): the
+              view term's positive is the set Q_i = {z_pos_i} ∪ {z_pos_j : j in the batch, cluster(j) = cluster(i),
+              slot j != slot i}, the clusters from k-means over the bank at every refresh (PCL's clusters, scored
+              in the batch as supervised contrastive learning scores labels, AND's log-sum form):
+                  view term_i = -log( sum_{q in Q_i} e^{s_iq} / (e^{s_i,pos} + sum_j e^{s_ij}) )
+              Fresh columns against fresh columns, as in the plain view term.
               "neighbour": NNCLR (Dwibedi et al. 2021): anchor a_i = the stored row nearest to z_i other than
                            v_{idx_i}, InfoNCE [a_i . z_pos_i | a_i . z_pos_j]; "view+neighbour" mixes it with the
-                           view term, weights 1 - w and w
+                           view term, weights 1 - w and w (the NNCLR anchor search is exact, in torch, per batch)
     negatives "per-sample": K slots drawn for every sample, (B, K) indices, s_ik = z_i . v_{n_ik}
               "shared":     K slots drawn once per batch, (K,) indices, S = z V^T, one matmul
     loss      "nce":     NCE with Pn = 1/N and the estimated Z (instdisc.losses.nce_loss)
@@ -40,6 +52,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from instdisc.bank import SAMPLE_MODES, MemoryBank
+from instdisc.bank_neighbours import BankNeighbours
 from instdisc.errors import InstdiscError
 from instdisc.losses import full_softmax_loss, info_nce_loss, nce_loss
 from instdisc.normaliser import NormaliserZ
@@ -235,7 +248,8 @@ class Objective(nn.Module):
     def __init__(self, n_data: int, dim: int, *, k: int = 4096, tau: float = 0.07, m: float = 0.5,
                  loss: str = "nce", negatives: str = "per-sample", positive: str = "bank", in_batch: bool = False,
                  z_mode: str = "first-batch", z_momentum: float = 0.99, bank_dtype: torch.dtype = torch.float32,
-                 bank_weight: float = 0.5, generator: torch.Generator | None = None, draw_bank: bool = True) -> None:
+                 bank_weight: float = 0.5, neighbours: int = 0, neighbour_index: str = "auto", clusters: int = 0,
+                 generator: torch.Generator | None = None, draw_bank: bool = True) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise InstdiscError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -273,13 +287,26 @@ class Objective(nn.Module):
         self.n_data, self.dim, self.k, self.tau, self.m = n_data, dim, k, tau, m
         self.loss_name, self.negatives, self.positive, self.in_batch = loss, negatives, positive, bool(in_batch)
         self.bank_weight = bank_weight
+        neighbours = int(neighbours)
+        if neighbours < 0:
+            raise InstdiscError(f"neighbours must be >= 0, got {neighbours}")
+        if neighbours and not (loss == "infonce" and positive in ("bank", "view+bank") and k > 0):
+            raise InstdiscError("neighbours > 0 needs loss='infonce', positive 'bank' or 'view+bank' and k > 0 (they "
+                                "join the bank term's positive)")
         self.bank = self._make_bank(n_data, dim, bank_dtype, generator, draw_bank)
         self.z = NormaliserZ(z_mode, z_momentum)
+        # N x k_nb table of each slot's nearest stored rows (GLOBAL N: every process holds all of it)
+        clusters = int(clusters)
+        if clusters and not (loss == "infonce" and in_batch and positive in ("view", "view+bank")):
+            raise InstdiscError("clusters > 0 needs loss='infonce', in_batch=True and positive 'view' or 'view+bank' "
+                                "(same-cluster samples of the batch join the view term's positive)")
+        self.neighbours = (BankNeighbours(n_data, neighbours, index=neighbour_index, clusters=clusters)
+                           if neighbours or clusters else None)
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, dim={self.dim}, k={self.k}, tau={self.tau}, m={self.m}, "
                 f"loss={self.loss_name!r}, negatives={self.negatives!r}, positive={self.positive!r}, "
-                f"in_batch={self.in_batch}")
+                f"in_batch={self.in_batch}, neighbours={self.neighbours.k if self.neighbours is not None else 0}")
 
     def _make_bank(self, n_data: int, dim: int, dtype: torch.dtype, generator: torch.Generator | None,
                    draw: bool) -> MemoryBank:
@@ -319,8 +346,13 @@ class Objective(nn.Module):
                 view = info_nce_loss((zs * z_pos).sum(dim=1), self._in_batch_logits(zs, z_pos, idx))
                 loss = (1.0 - self.bank_weight) * view + self.bank_weight * loss
             return loss, stats
-        pos = own if self.positive == "bank" else (zs * z_pos).sum(dim=1)  # B
         nan = zs.new_tensor(float("nan"))
+        own_set, nb_mean = own, nan  # B: the bank term's positive, z_i . v_idx_i or log-sum-exp over {i} ∪ N(i)
+        if self.neighbours is not None and self.neighbours.ready and self.neighbours.k:
+            nb_logits = self._slot_logits(zs, self.neighbours.of(idx))  # B x k_nb, z_i . v_j / tau, j in N(idx_i)
+            own_set = torch.logsumexp(torch.cat([own[:, None], nb_logits], dim=1), dim=1)  # B
+            nb_mean = nb_logits.detach().mean()
+        pos = own_set if self.positive == "bank" else (zs * z_pos).sum(dim=1)  # B
         inb_mean, bank_share = nan, zs.new_tensor(1.0)
 
         if self.loss_name == "softmax":
@@ -340,11 +372,13 @@ class Objective(nn.Module):
                     other = z if self.positive == "bank" else z_pos  # B x D
                     inb = self._in_batch_logits(zs, other, idx)  # B x B' (-inf: the sample itself)
                     inb_mean = _finite_mean(inb.detach())
+                    if self.neighbours is not None and self.neighbours.clusters and self.neighbours.ready:
+                        pos, inb = self._cluster_positives(pos, inb, idx)  # B (set positive), B x B' (the rest)
                 if self.positive == "view+bank" and self.k:  # two softmaxes: fresh vs fresh, bank vs bank
                     w = self.bank_weight
-                    loss = (1.0 - w) * info_nce_loss(pos, inb) + w * info_nce_loss(own, neg)
+                    loss = (1.0 - w) * info_nce_loss(pos, inb) + w * info_nce_loss(own_set, neg)
                     with torch.no_grad():
-                        neg_w_bank = w * (1.0 - _softmax_weight(own, neg))  # B, the bank term's negative weight
+                        neg_w_bank = w * (1.0 - _softmax_weight(own_set, neg))  # B, the bank term's negative weight
                         neg_w_view = (1.0 - w) * (1.0 - _softmax_weight(pos, inb))  # B
                         bank_share = (neg_w_bank / (neg_w_bank + neg_w_view).clamp(min=1e-30)).mean()
                 else:
@@ -358,12 +392,23 @@ class Objective(nn.Module):
             neg_mean = neg.detach().mean() if self.k else nan
 
         values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float(),
-                              own.detach().float().mean(), inb_mean.float(), bank_share.float()])
-        loss_v, pos_v, neg_v, own_v, inb_v, share_v = self._mean_stats(values).tolist()
+                              own.detach().float().mean(), inb_mean.float(), bank_share.float(), nb_mean.float()])
+        loss_v, pos_v, neg_v, own_v, inb_v, share_v, nb_v = self._mean_stats(values).tolist()
         log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
         stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z,
-                 "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": share_v}
+                 "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": share_v,
+                 "neighbour_sim": nb_v * self.tau}
         return loss, stats
+
+    def _cluster_positives(self, pos: torch.Tensor, inb: torch.Tensor, idx: torch.Tensor):
+        """Move the in-batch columns of the sample's cluster into its positive: (log-sum-exp over {pos} ∪ same-
+        cluster columns (B,), the other columns (B, B') with the moved ones at -inf)."""
+        assign = self.neighbours.assign
+        mine = assign.index_select(0, idx)  # B
+        cols = assign.index_select(0, self._batch_slots(idx))  # B', the cluster of every in-batch column
+        same = (mine[:, None] == cols[None, :]) & (mine[:, None] >= 0) & torch.isfinite(inb)  # B x B'
+        pos_set = torch.logsumexp(torch.cat([pos[:, None], inb.masked_fill(~same, float("-inf"))], dim=1), dim=1)
+        return pos_set, inb.masked_fill(same, float("-inf"))
 
     def _neighbour_loss(self, anchor, zs, z_pos, own, idx):
         """InfoNCE of the anchor NN(z_i) against the batch's other views: target z_pos_i, candidates z_pos_j."""
@@ -375,7 +420,8 @@ class Objective(nn.Module):
                               own.detach().float().mean(), _finite_mean(inb.detach()).float(), nan.float()])
         loss_v, pos_v, _, own_v, inb_v, _ = self._mean_stats(values).tolist()
         return loss, {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": float("nan"), "log_z": float("nan"),
-                      "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": float("nan")}
+                      "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": float("nan"),
+                      "neighbour_sim": float("nan")}
 
     @torch.no_grad()
     def _nearest_rows(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -399,6 +445,18 @@ class Objective(nn.Module):
         return memory.index_select(0, arg).to(work)
 
     # Hooks that instdisc.distributed.ShardedObjective overrides for one rank's shard of the bank.
+    def _slot_logits(self, zs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, J) logits zs_i . v_{slots[i, j]} with autograd w.r.t. zs; ``slots`` (B, J) GLOBAL slots."""
+        return per_sample_logits(zs, self.bank.memory, slots)
+
+    def _batch_slots(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B',) the slots of the in-batch columns (a sharded objective's columns are the global batch)."""
+        return idx
+
+    def _whole_bank(self) -> torch.Tensor:
+        """The (N, D) bank in global slot order (a sharded objective gathers it from every rank)."""
+        return self.bank.memory
+
     def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """(B,) rows of this module's bank holding slots ``idx``."""
         return idx
@@ -460,6 +518,14 @@ class Objective(nn.Module):
     def update(self, idx: torch.Tensor, z: torch.Tensor) -> None:
         """Bank rows idx <- normalise(m v + (1 - m) z); call after ``optimizer.step()`` (see MemoryBank.update)."""
         self.bank.update(idx, z, self.m)
+
+    @torch.no_grad()
+    def refresh_neighbours(self, *, seed: int = 0) -> dict:
+        """Search the bank for every slot's k_nb nearest other rows and replace the neighbour table (see
+        BankNeighbours.refresh for the returned stats). A collective in a distributed run."""
+        if self.neighbours is None:
+            raise InstdiscError("refresh_neighbours: this objective has no neighbour table (neighbours=0)")
+        return self.neighbours.refresh(self._whole_bank(), seed=seed)
 
     @torch.no_grad()
     def init_bank(self, z_all: torch.Tensor) -> None:

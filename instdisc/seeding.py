@@ -24,6 +24,8 @@ class Stream:
     PROBE = 11  # (seed, PROBE): the health probe's fixed slots
     PROBE_VIEWS = 12  # (seed, PROBE_VIEWS, epoch): the probe's views of an epoch
     FINETUNE_VIEWS = 11  # (seed, epoch, sample, FINETUNE_VIEWS): fine-tuning's PIL views of one sample
+    NEIGHBOURS = 13  # (seed, epoch, NEIGHBOURS): the IVF training sample of a bank-neighbour search
+    VERDICT = 14  # (seed, VERDICT): the held-out slice of the end-of-run verdict
 
 
 def seed_everything(seed: int) -> None:

@@ -46,6 +46,18 @@ OBJECTIVE_CASES = {
                                          in_batch=True, bank_weight=0.3),
     "infonce-view-no-bank": dict(loss="infonce", positive="view", in_batch=True, k=0),
     "infonce-neighbour": dict(loss="infonce", positive="neighbour", in_batch=True, k=0),
+    # bank neighbours (AND): the table searched over the gathered shards, neighbour rows scored by their owners
+    "infonce-shared-view+bank-neighbours": dict(loss="infonce", negatives="shared", positive="view+bank",
+                                                in_batch=True, neighbours=3),
+    "infonce-per-sample-view+bank-neighbours": dict(loss="infonce", negatives="per-sample", positive="view+bank",
+                                                    in_batch=True, neighbours=4, bank_weight=0.7),
+    "infonce-per-sample-bank-neighbours": dict(loss="infonce", negatives="per-sample", positive="bank",
+                                               neighbours=2),
+    # bank clusters: k-means over the gathered bank on every rank, same-cluster columns of the GLOBAL batch
+    "infonce-shared-view+bank-clusters": dict(loss="infonce", negatives="shared", positive="view+bank",
+                                              in_batch=True, clusters=3),
+    "infonce-view-no-bank-clusters": dict(loss="infonce", positive="view", in_batch=True, k=0, clusters=2,
+                                          neighbours=0),
 }
 
 
@@ -58,8 +70,9 @@ def _search_inputs():
 
 
 def _train_kwargs(**kw):
-    """The training runs: fast recipe, constant lr (the loss falls over 4 epochs of the fake data)."""
-    base = dict(recipe="fast", epochs=4, schedule="constant", lr=0.03, device="cpu")
+    """The training runs: fast recipe with bank neighbours and clusters searched after every epoch (so a resume
+    crosses a search), constant lr (the loss falls over 4 epochs of the fake data)."""
+    base = dict(recipe="fast", epochs=4, schedule="constant", lr=0.03, device="cpu", neighbours=3, clusters=4)
     base.update(kw)
     return base
 
@@ -127,9 +140,13 @@ def _worker(out: Path, fm_root: str) -> None:  # runs in each torchrun process
         z, zp = z[mine].clone().requires_grad_(), zp[mine].clone().requires_grad_()
         obj = ShardedObjective(N_OBJ, D_OBJ, partition=part, generator=torch.Generator().manual_seed(7), **kw)
         bank0 = obj.bank.memory.clone()
+        if case.get("neighbours") or case.get("clusters"):
+            obj.refresh_neighbours()  # a collective: every rank searches the gathered bank
         loss, stats = _objective_step(obj, z, zp, idx[mine], case.get("positive", "bank") != "bank")
         objective[name] = dict(loss=loss, stats=stats, grad_z=z.grad, grad_zp=zp.grad, log_z=obj.z.log_z.clone(),
-                               bank0=bank0, bank1=obj.bank.memory.clone())
+                               bank0=bank0, bank1=obj.bank.memory.clone(),
+                               **({"neighbours": obj.neighbours.slots.clone(), "clusters": obj.neighbours.assign.clone()}
+                                  if obj.neighbours is not None else {}))
     torch.save(objective, out / f"objective_rank{rank}.pt")
 
     # 3. the sharded model at start (random bank init)
@@ -202,9 +219,14 @@ def test_objective_matches_single_process(two_procs, name):
     z, zp = z.clone().requires_grad_(), zp.clone().requires_grad_()
     ref = Objective(N_OBJ, D_OBJ, generator=torch.Generator().manual_seed(7), **kw)
     bank0 = ref.bank.memory.clone()
+    if ref.neighbours is not None:
+        ref.refresh_neighbours()
     loss, stats = _objective_step(ref, z, zp, idx, case.get("positive", "bank") != "bank")
 
     for r, got in enumerate(ranks):
+        if ref.neighbours is not None:  # every rank holds the whole table the single process searched
+            assert torch.equal(got["neighbours"], ref.neighbours.slots)
+            assert torch.equal(got["clusters"], ref.neighbours.assign)
         # exact: the initial shard, and the bank rows after the same update (the rows' arithmetic is row-local)
         assert torch.equal(got["bank0"], bank0[r::WORLD]), "initial shard differs from the single-process rows"
         assert torch.equal(got["bank1"], ref.bank.memory[r::WORLD]), "updated shard differs"
@@ -213,7 +235,7 @@ def test_objective_matches_single_process(two_procs, name):
         torch.testing.assert_close(got["grad_z"] / WORLD, z.grad[mine], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["grad_zp"] / WORLD, zp.grad[mine], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["log_z"], ref.z.log_z, rtol=1e-6, atol=1e-9, equal_nan=True)
-        for key in ("loss", "pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share"):
+        for key in ("loss", "pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share", "neighbour_sim"):
             assert got["stats"][key] == pytest.approx(stats[key], rel=1e-5, abs=1e-6, nan_ok=True), key
     mean_loss = sum(g["loss"] for g in ranks) / WORLD
     torch.testing.assert_close(mean_loss, loss, rtol=1e-5, atol=1e-6)
@@ -303,6 +325,7 @@ def test_cli_run_and_sharded_knn_match_single_process(two_procs):
     assert proc.stdout.count("done: 2 epochs") == 1  # one summary line, from rank 0
     cfg, model, ckpt = load_run(out / "C")
     records = [json.loads(x) for x in (out / "C" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["type"] for x in records].count("verdict") == 1  # computed and written by rank 0 alone
     last = [x for x in records if x["type"] == "epoch"][-1]
     test = build_dataset("fashion-mnist:test", data_root=str(fm))
     feats = extract_features(model.embed, test)

@@ -32,7 +32,8 @@ def _images(root, n=12):
 def test_layout_and_metadata(run, tmp_path):
     out = tmp_path / "enc"
     meta = export_encoder(run[0], out)
-    assert sorted(os.listdir(out)) == ["encoder.pt", "encoder.torchscript.pt", "metadata.json"]
+    assert sorted(os.listdir(out)) == ["encoder.onnx", "encoder.pt", "encoder.safetensors", "encoder.torchscript.pt",
+                                       "metadata.json"]
     on_disk = json.loads((out / "metadata.json").read_text())
     assert on_disk == json.loads(json.dumps(meta))
     for key in ("arch", "feature_dim", "image_size", "channels", "mean", "std", "config", "instdisc_version",
@@ -106,7 +107,7 @@ def test_failure_leaves_old_export_untouched(run, tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(enc_mod, "script_encoder", broken)
+    monkeypatch.setattr(enc_mod, "_sha256", broken)  # after every file of the export was written
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_encoder(run[0], out, overwrite=True)
     with pytest.raises(RuntimeError):

@@ -580,3 +580,250 @@ def test_neighbour_losses_match_python_loop_reference(positive, w):
     assert torch.count_nonzero(z_pos.grad) > 0
     if positive == "neighbour":  # the anchor has no gradient, and z only picks it: no gradient reaches z
         assert z.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------- bank neighbours
+def _with_table(obj, table):
+    """Fill the objective's neighbour table by hand (as a refresh would) -> the objective."""
+    obj.neighbours.slots.copy_(torch.as_tensor(table, dtype=torch.int64))
+    obj.neighbours.refreshes.fill_(1)
+    return obj
+
+
+def _neighbour_table(n, k_nb, seed=0):
+    """(n, k_nb) distinct other slots per row, drawn at random (a refresh's shape, not its content)."""
+    g = _gen(seed)
+    rows = []
+    for i in range(n):
+        others = [j for j in torch.randperm(n, generator=g).tolist() if j != i]
+        rows.append(others[:k_nb])
+    return rows
+
+
+def reference_set_infonce_py(pos_sets, neg):
+    """-log( sum_{j in P_i} e^{s_ij} / (sum_{j in P_i} e^{s_ij} + sum_k e^{s_ik}) ), averaged: the definition."""
+    total = 0.0
+    for ps, row in zip(pos_sets, neg):
+        num = sum(math.exp(x) for x in ps)
+        total += -math.log(num / (num + sum(math.exp(x) for x in row)))
+    return total / len(pos_sets)
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("w,k_nb", [(0.5, 3), (0.25, 1), (1.0, 5)])
+def test_view_plus_bank_neighbours_match_python_loop_reference(negatives, w, k_nb):
+    """(1 - w) InfoNCE(view) + w * bank term whose positive is the set {idx_i} ∪ N(idx_i), from the definitions."""
+    obj = _objective(loss="infonce", negatives=negatives, positive="view+bank", in_batch=True, bank_weight=w,
+                     bank_dtype=F64, neighbours=k_nb)
+    table = _neighbour_table(40, k_nb, seed=k_nb)
+    _with_table(obj, table)
+    idx = torch.tensor([4, 9, 4, 20, 33])
+    z = _unit(5, 8, 3, F64).requires_grad_()
+    z_pos = _unit(5, 8, 4, F64)
+    loss, stats = obj(z, idx, z_pos=z_pos, generator=_gen(6))
+    mem, zl, zp, t = obj.bank.memory.tolist(), z.double().tolist(), z_pos.double().tolist(), obj.tau
+    neg_idx = _negatives_for(obj, 5, 6)
+    view_pos = [_dot(zl[i], zp[i]) / t for i in range(5)]
+    view_neg = [[_dot(zl[i], zp[j]) / t for j in range(5) if int(idx[j]) != int(idx[i])] for i in range(5)]
+    sets = [[_dot(zl[i], mem[j]) / t for j in [int(idx[i])] + table[int(idx[i])]] for i in range(5)]
+    bank_neg = [[_dot(zl[i], mem[j]) / t for j in (neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist())]
+                for i in range(5)]
+    want = (1 - w) * reference_infonce_py(view_pos, view_neg) + w * reference_set_infonce_py(sets, bank_neg)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    nb = [s[1:] for s in sets]
+    assert stats["neighbour_sim"] == pytest.approx(sum(map(sum, nb)) / (5 * k_nb) * t, rel=1e-6)
+    assert stats["own_sim"] == pytest.approx(sum(s[0] for s in sets) / 5 * t, rel=1e-6)
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_bank_positive_neighbours_match_python_loop_reference(negatives):
+    """positive 'bank' (one view, InfoNCE): the whole loss is the set-positive bank term."""
+    obj = _objective(loss="infonce", negatives=negatives, positive="bank", bank_dtype=F64, neighbours=2)
+    table = _neighbour_table(40, 2, seed=5)
+    _with_table(obj, table)
+    idx = torch.tensor([0, 39, 17])
+    z = _unit(3, 8, 9, F64).requires_grad_()
+    loss, stats = obj(z, idx, generator=_gen(2))
+    mem, zl, t = obj.bank.memory.tolist(), z.double().tolist(), obj.tau
+    neg_idx = _negatives_for(obj, 3, 2)
+    sets = [[_dot(zl[i], mem[j]) / t for j in [int(idx[i])] + table[int(idx[i])]] for i in range(3)]
+    neg = [[_dot(zl[i], mem[j]) / t for j in (neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist())]
+           for i in range(3)]
+    assert loss.item() == pytest.approx(reference_set_infonce_py(sets, neg), rel=1e-10)
+    # pos_sim reports the positive the loss scores: (1/B) sum_i tau * log sum_{j in P_i} e^{s_ij}
+    want_pos = sum(math.log(sum(math.exp(x) for x in s)) for s in sets) / 3 * t
+    assert stats["pos_sim"] == pytest.approx(want_pos, rel=1e-6)
+
+
+def test_neighbours_closed_form_uniform_logits():
+    # every logit 0: bank term = log(1 + k_nb + K) - log(1 + k_nb); view term log(B' + 1) as before
+    obj = _objective(n=20, d=6, k=7, loss="infonce", positive="view+bank", in_batch=True, bank_weight=0.25,
+                     bank_dtype=F64, neighbours=3)
+    obj.init_bank(torch.tensor([[0.0, 0, 0, 0, 0, 1]], dtype=F64).repeat(20, 1))
+    _with_table(obj, _neighbour_table(20, 3))
+    z = torch.eye(6, dtype=F64)[:3].requires_grad_()
+    z_pos = torch.eye(6, dtype=F64)[3:5].repeat(2, 1)[:3]
+    loss, _ = obj(z, torch.tensor([0, 1, 2]), z_pos=z_pos, generator=_gen(0))
+    assert loss.item() == pytest.approx(0.75 * math.log(3) + 0.25 * (math.log(11) - math.log(4)), rel=1e-12)
+
+
+def test_neighbours_hand_built_case():
+    """Two slots in 2-D, one negative drawn (slot 2), the neighbour of slot 0 is slot 1. z = e0, tau = 1:
+    s(own v0 = e0) = 1, s(neighbour v1 = (0.6, 0.8)) = 0.6, s(negative v2 = e1) = 0, so the loss is
+    -log((e + e^0.6) / (e + e^0.6 + 1))."""
+    obj = Objective(3, 2, k=1, tau=1.0, loss="infonce", positive="bank", negatives="shared", bank_dtype=F64,
+                    neighbours=1, generator=_gen(0))
+    obj.init_bank(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=F64))
+    _with_table(obj, [[1], [0], [1]])
+    g = _gen(0)
+    while int(obj.bank.sample(1, 1, mode="shared", generator=_gen(g.initial_seed()))[0]) != 2:
+        g = _gen(g.initial_seed() + 1)  # a seed whose single shared draw is slot 2
+    z = torch.tensor([[1.0, 0.0]], dtype=F64, requires_grad=True)
+    loss, _ = obj(z, torch.tensor([0]), generator=_gen(g.initial_seed()))
+    num = math.e + math.exp(0.6)
+    assert loss.item() == pytest.approx(-math.log(num / (num + 1.0)), rel=1e-12)
+
+
+def test_neighbours_before_the_first_refresh_are_the_plain_bank_term():
+    plain = _objective(loss="infonce", negatives="per-sample", positive="view+bank", in_batch=True, bank_dtype=F64)
+    with_nb = _objective(loss="infonce", negatives="per-sample", positive="view+bank", in_batch=True,
+                         bank_dtype=F64, neighbours=4)
+    idx, z, zp = torch.tensor([1, 2, 3]), _unit(3, 8, 1, F64), _unit(3, 8, 2, F64)
+    a, sa = plain(z, idx, z_pos=zp, generator=_gen(3))
+    b, sb = with_nb(z, idx, z_pos=zp, generator=_gen(3))
+    assert a.item() == b.item()
+    assert math.isnan(sb["neighbour_sim"])
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_neighbours_gradcheck(negatives):
+    obj = _objective(loss="infonce", negatives=negatives, positive="view+bank", in_batch=True, bank_dtype=F64,
+                     neighbours=3)
+    _with_table(obj, _neighbour_table(40, 3, seed=2))
+    idx = torch.tensor([1, 5, 9, 5])
+    z, zp = _unit(4, 8, 1, F64).requires_grad_(), _unit(4, 8, 2, F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, p: obj(q, idx, z_pos=p, generator=_gen(1))[0], (z, zp))
+
+
+def test_refresh_neighbours_searches_the_bank_and_round_trips_in_the_state_dict():
+    obj = _objective(loss="infonce", positive="view+bank", in_batch=True, neighbours=3)
+    stats = obj.refresh_neighbours()
+    mem = obj.bank.memory.double()
+    sims = mem @ mem.T
+    sims.fill_diagonal_(-float("inf"))
+    torch.testing.assert_close(obj.neighbours.slots, sims.topk(3, dim=1).indices)  # random rows: no ties
+    assert math.isnan(stats["neighbour_stability"]) and stats["neighbour_index"] == "flat"
+    assert obj.refresh_neighbours()["neighbour_stability"] == 1.0  # same bank, same table
+    sd = obj.state_dict()
+    assert set(sd) == {"bank.memory", "z.log_z", "neighbours.slots", "neighbours.assign", "neighbours.refreshes"}
+    fresh = _objective(loss="infonce", positive="view+bank", in_batch=True, neighbours=3)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.neighbours.slots, obj.neighbours.slots) and fresh.neighbours.ready
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"neighbours": -1, "loss": "infonce", "positive": "view+bank", "in_batch": True}, "neighbours must be >= 0"),
+    ({"neighbours": 2, "loss": "nce"}, "neighbours > 0 needs loss='infonce'"),
+    ({"neighbours": 2, "loss": "infonce", "positive": "view", "in_batch": True}, "neighbours > 0 needs"),
+    ({"neighbours": 2, "loss": "infonce", "positive": "view+bank", "in_batch": True, "k": 0}, "k > 0"),
+    ({"neighbours": 40, "loss": "infonce", "positive": "view+bank", "in_batch": True}, "1 <= k < N"),
+    ({"neighbours": 2, "neighbour_index": "hnsw", "loss": "infonce", "positive": "bank"}, "neighbour index must"),
+])
+def test_neighbour_validation(kw, msg):
+    with pytest.raises(InstdiscError, match=msg):
+        Objective(40, 8, **{"k": 6, **kw})
+    with pytest.raises(InstdiscError, match="no neighbour table"):
+        _objective().refresh_neighbours()
+
+
+# ---------------------------------------------------------------------------------------------------- bank clusters
+def _with_clusters(obj, assign):
+    obj.neighbours.set_clusters(torch.as_tensor(assign))
+    obj.neighbours.refreshes.fill_(1)
+    return obj
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("positive,w,k_nb", [("view+bank", 0.5, 0), ("view+bank", 0.3, 2), ("view", 0.5, 0)])
+def test_cluster_positives_match_python_loop_reference(negatives, positive, w, k_nb):
+    """View term: -log( sum over {z_pos_i} ∪ same-cluster other views / (pos + every in-batch column) ); the bank term
+    (view+bank) unchanged, with or without neighbours, from the definitions."""
+    obj = _objective(loss="infonce", negatives=negatives, positive=positive, in_batch=True, bank_weight=w,
+                     bank_dtype=F64, clusters=3, neighbours=k_nb)
+    assign = [i % 3 for i in range(40)]
+    _with_clusters(obj, assign)
+    table = _neighbour_table(40, k_nb, seed=1) if k_nb else None
+    if k_nb:
+        _with_table(obj, table)
+    idx = torch.tensor([4, 9, 4, 20, 33, 7])  # clusters 1, 0, 1, 2, 0, 1; slot 4 twice (never its own positive)
+    z = _unit(6, 8, 3, F64).requires_grad_()
+    z_pos = _unit(6, 8, 4, F64)
+    loss, _ = obj(z, idx, z_pos=z_pos, generator=_gen(6))
+    mem, zl, zp, t = obj.bank.memory.tolist(), z.double().tolist(), z_pos.double().tolist(), obj.tau
+    ids = idx.tolist()
+    view = 0.0
+    for i in range(6):
+        pos = _dot(zl[i], zp[i]) / t
+        cols = [j for j in range(6) if ids[j] != ids[i]]
+        same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]]]
+        denom = math.exp(pos) + sum(math.exp(_dot(zl[i], zp[j]) / t) for j in cols)
+        view += -math.log((math.exp(pos) + sum(math.exp(x) for x in same)) / denom)
+    view /= 6
+    if positive == "view":
+        neg_idx = _negatives_for(obj, 6, 6)
+        # positive "view" with bank negatives: one softmax over bank rows and in-batch columns
+        total = 0.0
+        for i in range(6):
+            pos = _dot(zl[i], zp[i]) / t
+            cols = [j for j in range(6) if ids[j] != ids[i]]
+            same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]]]
+            row = neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist()
+            denom = math.exp(pos) + sum(math.exp(_dot(zl[i], zp[j]) / t) for j in cols) + \
+                sum(math.exp(_dot(zl[i], mem[j]) / t) for j in row)
+            total += -math.log((math.exp(pos) + sum(math.exp(x) for x in same)) / denom)
+        want = total / 6
+    else:
+        neg_idx = _negatives_for(obj, 6, 6)
+        sets = [[_dot(zl[i], mem[j]) / t for j in [ids[i]] + (table[ids[i]] if k_nb else [])] for i in range(6)]
+        bank_neg = [[_dot(zl[i], mem[j]) / t for j in (neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist())]
+                    for i in range(6)]
+        want = (1 - w) * view + w * reference_set_infonce_py(sets, bank_neg)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_cluster_positives_hand_built_and_closed_form():
+    # no bank negatives (K = 0), every logit 0. Slots 0, 1, 2, 10 in clusters 4, 5, 5, 4: every sample has one
+    # same-cluster column among its B' = 3 in-batch columns, so each term is -log((1 + 1) / (1 + 3)).
+    obj = _objective(n=20, d=6, k=0, loss="infonce", positive="view", in_batch=True, bank_dtype=F64, clusters=6)
+    assign = torch.zeros(20, dtype=torch.int64)
+    assign[[0, 1, 2, 3]] = torch.tensor([4, 5, 5, 3])
+    assign[10] = 4
+    _with_clusters(obj, assign)
+    z = torch.eye(6, dtype=F64)[:4].requires_grad_()
+    z_pos = torch.eye(6, dtype=F64)[5].repeat(4, 1)  # e5 for every sample, orthogonal to e0..e3: every logit 0
+    loss, _ = obj(z, torch.tensor([0, 1, 2, 10]), z_pos=z_pos)
+    assert loss.item() == pytest.approx(-math.log(2 / 4), rel=1e-12)
+    _with_clusters(obj, torch.arange(20))  # every slot its own cluster: the plain view term, log(4)
+    loss, _ = obj(z, torch.tensor([0, 1, 2, 10]), z_pos=z_pos)
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-12)
+
+
+def test_cluster_positives_gradcheck_and_before_refresh():
+    obj = _objective(loss="infonce", negatives="per-sample", positive="view+bank", in_batch=True, bank_dtype=F64,
+                     clusters=4)
+    plain = _objective(loss="infonce", negatives="per-sample", positive="view+bank", in_batch=True, bank_dtype=F64)
+    idx = torch.tensor([1, 5, 9, 5, 13])
+    z, zp = _unit(5, 8, 1, F64).requires_grad_(), _unit(5, 8, 2, F64).requires_grad_()
+    assert obj(z, idx, z_pos=zp, generator=_gen(1))[0].item() == plain(z, idx, z_pos=zp, generator=_gen(1))[0].item()
+    _with_clusters(obj, [i % 4 for i in range(40)])
+    assert torch.autograd.gradcheck(lambda q, p: obj(q, idx, z_pos=p, generator=_gen(1))[0], (z, zp))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"clusters": 3, "loss": "nce"}, "clusters > 0 needs loss='infonce'"),
+    ({"clusters": 3, "loss": "infonce", "positive": "bank", "in_batch": True}, "clusters > 0 needs"),
+    ({"clusters": 41, "loss": "infonce", "positive": "view", "in_batch": True}, "2 <= C <= N"),
+])
+def test_cluster_validation(kw, msg):
+    with pytest.raises(InstdiscError, match=msg):
+        Objective(40, 8, **{"k": 6, **kw})

@@ -137,3 +137,19 @@ def test_collapse_warning_only_while_getting_worse():
 def test_warnings_read_null_fields_of_a_resumed_runs_records():
     # metrics.jsonl writes non-finite numbers as null: a resumed run's history holds None
     assert health_warnings([{"loss": None}, {"loss": 3.1}, {"loss": 3.2, "uniformity": None, "z_std": None}], 128) == []
+
+
+def test_warning_not_on_the_demos_first_epochs():
+    """The demo's first epochs (README run: gap about 0.24, uniformity -0.44 at epoch 1, falling) do not warn; the
+    issue's failing run (gap 0.27 then 0.006-0.014, uniformity -0.03 .. -0.24) warns at its third such epoch."""
+    demo = [{"loss": 6.41, "gap": 0.21, "uniformity": -0.44, "z_std": 0.05},
+            {"loss": 5.9, "gap": 0.24, "uniformity": -0.61, "z_std": 0.05},
+            {"loss": 5.5, "gap": 0.26, "uniformity": -0.80, "z_std": 0.06},
+            {"loss": 5.16, "gap": 0.28, "uniformity": -0.95, "z_std": 0.06}]
+    for i in range(1, len(demo) + 1):
+        assert not any("discriminate" in t for t in health_warnings(demo[:i], 128))
+    failing = [{"loss": 5.0, "gap": 0.27, "uniformity": -0.9}] + [
+        {"loss": 4.9, "gap": g, "uniformity": u} for g, u in ((0.03, -0.4), (0.006, -0.24), (0.014, -0.1),
+                                                             (0.01, -0.03))]
+    said = [any("discriminate" in t for t in health_warnings(failing[:i], 128)) for i in range(1, 6)]
+    assert said == [False, False, False, True, False]  # epochs 2, 3, 4 in a row: once, at epoch 4

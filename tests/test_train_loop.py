@@ -88,7 +88,7 @@ def test_files_written(fake_mnist, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["instdisc_version"] and "git_commit" in cfg and cfg["nce_k"] == 32
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {x["type"] for x in lines} == {"step", "epoch"}
+    assert {x["type"] for x in lines} == {"step", "epoch", "verdict"} and lines[-1]["type"] == "verdict"
     step = next(x for x in lines if x["type"] == "step")
     assert {"loss", "lr", "images_per_s", "eta_s", "epoch", "step"} <= set(step)
     c, model, ckpt = load_run(out)
@@ -269,3 +269,69 @@ def test_unusable_knn_monitor_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InstdiscError, match="needs labels in the training data"):
         train(cfg)
     assert not (out / "config.json").exists()
+
+
+def test_neighbour_schedule():
+    from instdisc.training.loop import neighbours_due
+
+    cfg = TrainConfig.from_recipe("fast", neighbours=2, neighbour_start=2, neighbour_every=3)
+    assert [e for e in range(12) if neighbours_due(cfg, e)] == [2, 5, 8, 11]
+    cfg = TrainConfig.from_recipe("fast", neighbours=2, neighbour_start=0)
+    assert [e for e in range(4) if neighbours_due(cfg, e)] == [0, 1, 2, 3]
+    assert not any(neighbours_due(TrainConfig.from_recipe("fast", neighbours=0), e) for e in range(4))
+
+
+def test_bank_neighbours_are_searched_logged_and_used(fake_mnist, tmp_path):
+    from instdisc.bank_neighbours import label_agreement, search_bank
+
+    res = train(tiny_cfg(fake_mnist, tmp_path / "run", epochs=2, neighbours=3))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert [e["neighbour_index"] for e in epochs] == ["flat", "flat"]
+    assert epochs[0]["neighbour_stability"] is None and 0 <= epochs[1]["neighbour_stability"] <= 1
+    assert epochs[0]["neighbour_sim"] is None  # no table during epoch 1: the plain bank term
+    assert -1 <= epochs[1]["neighbour_sim"] <= 1  # epoch 2 scored the neighbours searched after epoch 1
+    obj = res.model.objective
+    # the table is the search of the final bank, and its label agreement is what the record says
+    assert torch.equal(obj.neighbours.slots, search_bank(obj.bank.memory, 3))
+    from instdisc.data import build_dataset
+
+    labels = build_dataset("fashion-mnist:train", data_root=str(fake_mnist)).labels
+    assert epochs[1]["neighbour_label_agreement"] == pytest.approx(label_agreement(obj.neighbours.slots, labels))
+
+
+def test_clusters_are_logged_and_the_label_oracle_uses_the_labels(fake_mnist, tmp_path):
+    from instdisc.bank_neighbours import cluster_purity
+
+    res = train(tiny_cfg(fake_mnist, tmp_path / "run", epochs=1, clusters=4))
+    rec = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r["type"] == "epoch"][-1]
+    labels = build_dataset("fashion-mnist:train", data_root=str(fake_mnist)).labels
+    assert rec["cluster_label_purity"] == pytest.approx(cluster_purity(res.model.objective.neighbours.assign, labels))
+    oracle = train(tiny_cfg(fake_mnist, tmp_path / "oracle", epochs=1, clusters=4, cluster_source="labels"))
+    assert oracle.model.objective.neighbours.assign.tolist() == labels.tolist()
+
+
+def test_neighbour_settings_are_validated():
+    from instdisc.errors import InstdiscError
+
+    with pytest.raises(InstdiscError, match="--neighbours must be >= 0"):
+        TrainConfig.from_recipe("fast", neighbours=-1)
+    with pytest.raises(InstdiscError, match="--neighbours needs --loss infonce"):
+        TrainConfig.from_recipe("paper", neighbours=2)
+    with pytest.raises(InstdiscError, match="bank negatives"):
+        TrainConfig.from_recipe("fast", neighbours=2, nce_k=0)
+    with pytest.raises(InstdiscError, match="--clusters must be 0 or >= 2"):
+        TrainConfig.from_recipe("fast", clusters=1)
+    with pytest.raises(InstdiscError, match="--clusters needs --loss infonce"):
+        TrainConfig.from_recipe("paper", clusters=4)
+    with pytest.raises(InstdiscError, match="--cluster-source must be one of bank, labels"):
+        TrainConfig.from_recipe("fast", clusters=4, cluster_source="oracle")
+    with pytest.raises(InstdiscError, match=r"--clusters \(97\) must not exceed"):
+        TrainConfig.from_recipe("fast", clusters=97, batch_size=16, nce_k=32).validate_for_data(96)
+    with pytest.raises(InstdiscError, match="--neighbour-every must be >= 1"):
+        TrainConfig.from_recipe("fast", neighbours=2, neighbour_every=0)
+    with pytest.raises(InstdiscError, match="--neighbour-start must be >= 0"):
+        TrainConfig.from_recipe("fast", neighbours=2, neighbour_start=-1)
+    with pytest.raises(InstdiscError, match=r"--neighbours \(96\) must be smaller"):
+        TrainConfig.from_recipe("fast", neighbours=96, batch_size=16, nce_k=32).validate_for_data(96)

@@ -123,3 +123,22 @@ def test_a_checkpoint_from_before_the_refactor_loads_and_resumes_as_it_did(tmp_p
     res = train(tiny_cfg(root, out, epochs=2, **kw), resume=True)
     assert res.global_step == 6 and res.epochs_done == 2
     assert _state_digest(res.model.state_dict()) == RUN_BEFORE_ONE_LOOP_FINAL
+
+
+@pytest.mark.parametrize("stops,start", [([4, 3], 1), ([7], 0)])
+def test_interrupt_resume_bitwise_with_bank_neighbours(fake_mnist, tmp_path, stops, start):
+    """Bank neighbours and clusters searched at epoch ends (or right after the bank's init): a run stopped before
+    and resumed after a search ends bit for bit where the uninterrupted run does, the tables included."""
+    kw = dict(epochs=3, neighbours=3, clusters=4, neighbour_start=start)
+    ref = train(tiny_cfg(fake_mnist, tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    res = train(tiny_cfg(fake_mnist, out, **kw), stop_flag=StopAfter(stops[0]))
+    assert res.interrupted
+    for n in stops[1:]:
+        res = train(tiny_cfg(fake_mnist, out, **kw), resume=True, stop_flag=StopAfter(n))
+        assert res.interrupted
+    res = train(tiny_cfg(fake_mnist, out, **kw), resume=True)
+    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(out)
+    assert int(a["model"]["objective.neighbours.refreshes"]) == 3 + (start == 0)
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"], b["optimizer"])

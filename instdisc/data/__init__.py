@@ -8,6 +8,7 @@ Module map (tests mirror it as tests/test_data_<module>.py):
   paths.py      compact path table                             transforms.py  PIL recipes
   batch_aug.py  the recipe on uint8 batch tensors             geometry.py size and channels from the images
   cache.py      decoded-image caches (read, memmap)             prepare.py  write a cache (instdisc prepare)
+  subset.py     rows_of: a dataset restricted to some rows
 """
 from .batch_aug import BatchAugment, batch_eval
 from .dataset import IndexedDataset

@@ -104,11 +104,16 @@ def prepare_cache(data, out: str | os.PathLike, *, image_size: int | None = None
     ``workers``: decoding threads (default: the CPU count; PIL releases the GIL while decoding). ``chunk_rows``:
     rows decoded and written at a time (default about 64 MiB of pixels). See the module docstring.
     """
+    from ..arguments import check_int
     from ..atomic import check_free_space, check_writable_dir
     from ..atomic_dir import clean_stale_siblings
     from ..progress_bar import ProgressBar
     from .spec import build_dataset
 
+    check_int(workers, "--workers", 1, optional=True)  # before the source is listed or scanned
+    check_int(chunk_rows, "--chunk-rows", 1, optional=True)
+    check_int(limit, "--limit", 1, optional=True)
+    check_int(image_size, "--image-size", 1, optional=True)
     out = Path(out)
     clean_stale_siblings(out)
     old = existing_target(out, read_cache_attrs, overwrite=overwrite, what="image cache", complete="a complete cache")

@@ -18,6 +18,10 @@ only the rows travel:
                  W*B - 1 other samples as extra negatives, as in a single process with batch W*B.
     NCE's Z      estimated from the logits of the global batch (per-rank log-sum-exps combined), so log Z is the
                  same on every rank.
+    neighbours   the (N, k_nb) table is held whole by every rank. A refresh all-gathers the shards into the full
+                 N x D bank (global slot order) and every rank runs the same search on it, so every rank holds the
+                 table a single process computes. The neighbour rows of a step are scored like per-sample
+                 negatives: the global batch's (W*B, k_nb) slots, each entry by the rank that owns it.
 
 The loss each rank returns is the mean over its own B samples; with DDP averaging the parameter gradients, the
 update is that of the global-batch mean loss. ``stats`` are averaged over ranks (global-batch values).
@@ -151,6 +155,24 @@ class ShardedObjective(Objective):
             raise InstdiscError("a sharded objective needs the negatives' generator, seeded alike on every rank")
         return super().forward(z, idx, z_pos=z_pos, generator=generator, observe_z=observe_z)
 
+    def _slot_logits(self, zs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, J) logits zs_i . v_{slots[i, j]} for this rank's B samples (``slots`` GLOBAL); a collective."""
+        p, b = self.partition, zs.shape[0]
+        slots_all = comm.all_gather_tensor(slots.to(self.bank.memory.device))  # (W*B, J) global slots
+        zs_all = comm.gather_with_grad(zs)  # W*B x D
+        grid = owned_logits(zs_all, self.bank.memory, slots_all, p)  # W*B x J, this rank's entries
+        grid = comm.all_reduce_with_grad(grid)  # every entry from its one owner
+        return grid[p.rank * b:(p.rank + 1) * b]  # B x J
+
+    @torch.no_grad()
+    def _whole_bank(self) -> torch.Tensor:
+        """(N, D) the full bank in global slot order on every rank (the shards all-gathered); a collective."""
+        p, memory = self.partition, self.bank.memory
+        padded = memory.new_zeros(p.max_size, memory.shape[1])  # max_size x D
+        padded[:memory.shape[0]] = memory
+        every = comm.all_gather_tensor(padded).view(p.world, p.max_size, memory.shape[1])  # W x max_size x D
+        return p.interleave(every)
+
     def _bank_rows(self, idx: torch.Tensor) -> torch.Tensor:
         self.partition.check_owned(idx)
         return self.partition.to_local(idx)  # (B,) rows of this rank's shard
@@ -162,6 +184,9 @@ class ShardedObjective(Objective):
         extra = zs @ other.T  # B x W*B
         same = idx[:, None] == idx_all[None, :]  # B x W*B, the sample itself (and duplicates)
         return extra.masked_fill(same, float("-inf"))
+
+    def _batch_slots(self, idx: torch.Tensor) -> torch.Tensor:
+        return comm.all_gather_tensor(idx)  # (W*B,) the global batch's slots, the columns of _in_batch_logits
 
     def _mean_stats(self, values: torch.Tensor) -> torch.Tensor:
         return comm.all_reduce_(values) / self.partition.world  # global-batch values

@@ -110,6 +110,7 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
     """Fine-tune ``model``'s encoder with a new linear predictor on labelled ``train``; report top-1 on ``test``
     and save the result to folder ``out`` (atomically; an existing ``out`` needs ``overwrite``). ``limit`` caps
     the size of each dataset (a fixed subset)."""
+    from ..arguments import check_int
     from ..atomic_dir import atomic_directory, check_can_replace
     from ..export.encoder import _eval_resize, write_encoder_files
     from ..export.hdf5 import model_sha256
@@ -122,6 +123,8 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
         raise InstdiscError(f"--lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise InstdiscError(f"--weight-decay must be >= 0, got {weight_decay}")
+    check_int(workers, "--workers", 0)
+    check_int(limit, "--limit", 1, optional=True)
     check_can_replace(out, overwrite, "output folder")
     device = torch.device(device)
     src = model if isinstance(model, ModelSource) else open_model(model, device=device)
@@ -177,7 +180,7 @@ def finetune(model, train: str, test: str, out, *, epochs: int = 10, lr: float =
         source={"kind": src.kind, "path": str(Path(src.path).resolve()), "model_sha256": model_sha256(src)})
     fc_state = {k: v.detach().cpu().clone() for k, v in net.fc.state_dict().items()}
     with atomic_directory(out, overwrite=overwrite, what="output folder") as tmp:
-        write_encoder_files(tmp, net.encoder, meta, extra={CLASSIFIER_FILE: fc_state})
+        write_encoder_files(tmp, net.encoder, meta, extra={CLASSIFIER_FILE: fc_state}, formats=("torchscript",))
     return FinetuneResult(acc["top1"], acc["top5"], float(np.mean(losses)), len(train_ds), len(test_ds), c, epochs,
                           seconds, str(out), settings)
 

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..errors import InstdiscError
 
-__all__ = ["LinearClassifier", "fit_linear", "preprocessing", "probe_loss", "topk_accuracy", "linear_probe",
-           "LinearProbeResult", "OPTIMIZERS", "PREPROCESS", "check_labelled", "num_classes", "build_capped"]
+__all__ = ["LinearClassifier", "check_fit_options", "fit_linear", "preprocessing", "probe_loss", "topk_accuracy",
+           "linear_probe", "LinearProbeResult", "OPTIMIZERS", "PREPROCESS", "check_labelled", "num_classes",
+           "build_capped"]
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,13 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict[str,
     return out
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, optimizer: str = "lbfgs", epochs: int = 100,
-               lr: float | None = None, weight_decay: float = 1e-4, batch_size: int = 1024,
-               preprocess: str = "whiten", generator: torch.Generator | None = None) -> LinearClassifier:
-    """Train a :class:`LinearClassifier` on features ``x`` (N, D) float32 and labels ``y`` (N,) long in
-    ``[0, n_classes)``, on ``x``'s device. ``lr`` defaults: lbfgs 1.0, adam 1e-3, sgd 0.1."""
+def check_fit_options(*, optimizer: str, epochs: int, lr: float | None, weight_decay: float, batch_size: int,
+                      preprocess: str) -> float:
+    """The classifier's settings checked (before any feature is extracted); returns the learning rate to use."""
     if optimizer not in OPTIMIZERS:
         raise InstdiscError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if preprocess not in PREPROCESS:
+        raise InstdiscError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
     if epochs < 1:
         raise InstdiscError(f"--epochs must be >= 1, got {epochs}")
     if weight_decay < 0:
@@ -102,6 +103,16 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, optimizer: s
     lr = {"lbfgs": 1.0, "adam": 1e-3, "sgd": 0.1}[optimizer] if lr is None else float(lr)
     if not lr > 0:
         raise InstdiscError(f"--lr must be > 0, got {lr}")
+    return lr
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, optimizer: str = "lbfgs", epochs: int = 100,
+               lr: float | None = None, weight_decay: float = 1e-4, batch_size: int = 1024,
+               preprocess: str = "whiten", generator: torch.Generator | None = None) -> LinearClassifier:
+    """Train a :class:`LinearClassifier` on features ``x`` (N, D) float32 and labels ``y`` (N,) long in
+    ``[0, n_classes)``, on ``x``'s device. ``lr`` defaults: lbfgs 1.0, adam 1e-3, sgd 0.1."""
+    lr = check_fit_options(optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                           batch_size=batch_size, preprocess=preprocess)
     x = x.float()
     n, d = x.shape
     if y.shape != (n,) or int(y.min()) < 0 or int(y.max()) >= n_classes:
@@ -196,9 +207,15 @@ def linear_probe(model, train: str, test: str, *, layer: str = "encoder", optimi
 
     ``limit`` takes a fixed subset of N images of each dataset larger than N. The encoder is frozen and in eval mode.
     """
+    from ..arguments import check_int
     from ..features import extract_features
     from ..source import ModelSource, open_model
 
+    check_fit_options(optimizer=optimizer, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                      preprocess=preprocess)  # before any image is read
+    check_int(feature_batch_size, "feature_batch_size", 1)
+    check_int(workers, "--workers", 0)
+    check_int(limit, "--limit", 1, optional=True)
     device = torch.device(device)
     src = model if isinstance(model, ModelSource) else open_model(model, device=device)
     fn = src.fn(layer)

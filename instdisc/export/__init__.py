@@ -1,7 +1,10 @@
-"""Export: the encoder as a standalone folder (state dict + TorchScript + metadata) and features as HDF5.
+"""Export: the encoder as a standalone folder (state dict, TorchScript, safetensors, ONNX, metadata) and features
+as HDF5.
 
 Module map (tests mirror it as tests/test_export_<module>.py; folders are written by instdisc.atomic_dir):
   encoder.py     export_encoder / read_export / load_torchscript (load_encoder: instdisc.source)
+  formats.py     what every format's writer and checker share (ExportContext, ExportParityError, parity)
+  fmt_torchscript.py, fmt_safetensors.py, fmt_onnx.py   one writer + one checker per format (encoder.FORMATS)
   hdf5.py        export_features / read_features (resumable, chunked HDF5)
   transform.py   EncoderTransform: the eval transform rebuilt from an export's metadata
 """

@@ -189,7 +189,11 @@ def export_features(model, data, out: str | os.PathLike, *, layer: str = "encode
     from ..features import iter_feature_batches
     from ..source import ModelSource, open_model
 
+    from ..arguments import check_int
+
     _validate(layer, dtype, compression, batch_size)
+    check_int(workers, "--workers", 0)
+    check_int(limit, "--limit", 1, optional=True)
     out = Path(out)
     from ..atomic_dir import clean_stale_siblings
 

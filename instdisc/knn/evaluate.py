@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import InstdiscError
 from .metrics import (_check_ks, _classify_block, _require_labelled, _summarise, as_labels, average_precisions,
                       encode_labels, recall_at_k, relevant_counts)
-from .search import build_index, iter_search, search
+from .search import _check_int, build_index, iter_search, search
 
-__all__ = ["knn_evaluate", "retrieval_evaluate"]
+__all__ = ["knn_evaluate", "retrieval_evaluate", "check_knn_args"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def _n_rows(feats: Any, name: str) -> int:
     if len(shape) != 2:
         raise InstdiscError(f"{name} must be a 2-D array (N, D); got shape {shape}")
     return int(shape[0])
+
+
+def check_knn_args(k: Any, tau: Any) -> tuple[int, float]:
+    """(k, tau) checked as :func:`knn_evaluate` checks them; callers use it to refuse before extracting features."""
+    return _check_int(k, "k"), _check_tau(tau)
 
 
 def _check_tau(tau: Any) -> float:
@@ -49,12 +54,13 @@ def knn_evaluate(
     chunk_size: int = 4096,
     use_gpu: bool | str = "auto",
     index_params: dict[str, Any] | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Weighted kNN classification of test features by train features (InstDisc protocol).
 
     train_feats (N, D), train_labels (N,), test_feats (Q, D), test_labels (Q,); labels are any integers >= 0
     (mapped by np.unique over train labels). k above N is clamped with a warning. index: "flat" (exact) or an
-    approximate kind with `index_params` passed to `build_index`.
+    approximate kind with `index_params` passed to `build_index`. ``quiet``: the summary line at debug level.
     Returns {"top1", "top5" (None when <= 5 classes or k < 5), "nn1", "majority", "per_class" {label: top1},
     "k" (used), "k_requested", "tau", "n_train", "n_test", "n_classes", "index", "gpu", "seconds"};
     accuracies are fractions in [0, 1].
@@ -80,8 +86,9 @@ def knn_evaluate(
     out = _summarise(correct, ql)
     out.update(k=k_used, k_requested=int(k), tau=tau, n_train=len(g), n_test=len(ql), n_classes=len(classes),
                index=knn.kind, gpu=knn.on_gpu, seconds=time.perf_counter() - t0)
-    log.info("kNN k=%d tau=%g: top1 %.4f top5 %s (%d train, %d test, %.1fs)", k_used, tau, out["top1"],
-             "n/a" if out["top5"] is None else f"{out['top5']:.4f}", len(g), len(ql), out["seconds"])
+    (log.debug if quiet else log.info)(
+        "kNN k=%d tau=%g: top1 %.4f top5 %s (%d train, %d test, %.1fs)", k_used, tau, out["top1"],
+        "n/a" if out["top5"] is None else f"{out['top5']:.4f}", len(g), len(ql), out["seconds"])
     return out
 
 

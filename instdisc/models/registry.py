@@ -2,7 +2,8 @@
 
 Every encoder maps (B, C, H, W) images to (B, feature_dim) features and carries ``feature_dim``.
 Names live in the ``ENCODERS`` dict (no lookups through ``module.__dict__``); tiny test models are registered like
-real ones, so the tests can run over the whole registry.
+real ones, so the tests can run over the whole registry. ``timm:NAME`` is resolved here, in one place, to any timm
+model (:mod:`instdisc.models.timm_encoder`; the timm package is imported only then).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import InstdiscError
+from .timm_encoder import TIMM_PREFIX, build_timm_encoder, timm_create_args  # timm itself: imported on use
 
-__all__ = ["ENCODERS", "register_encoder", "build_encoder", "list_encoders"]
+__all__ = ["ENCODERS", "register_encoder", "build_encoder", "list_encoders", "encoder_recipe"]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,8 +35,10 @@ def list_encoders() -> list[str]:
 
 
 def build_encoder(arch: str, *, in_channels: int = 3, image_size: int = 224) -> nn.Module:
-    """Build encoder ``arch`` for ``in_channels``-channel images of side ``image_size``; it has ``feature_dim``."""
-    if arch not in ENCODERS:
+    """Build encoder ``arch`` for ``in_channels``-channel images of side ``image_size``; it has ``feature_dim``.
+
+    ``arch`` is a registered name or ``timm:NAME`` (any timm model, ``num_classes=0``: its pooled pre-logits)."""
+    if arch not in ENCODERS and not arch.startswith(TIMM_PREFIX):
         close = difflib.get_close_matches(arch, ENCODERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise InstdiscError(f"unknown arch {arch!r}{hint}; choose one of: {', '.join(list_encoders())}")
@@ -42,9 +46,22 @@ def build_encoder(arch: str, *, in_channels: int = 3, image_size: int = 224) -> 
         raise InstdiscError(f"in_channels must be 1 or 3, got {in_channels}")
     if image_size < 8:
         raise InstdiscError(f"image_size must be at least 8, got {image_size}")
-    enc = ENCODERS[arch](in_channels=in_channels, image_size=image_size)
+    if arch.startswith(TIMM_PREFIX):
+        enc = build_timm_encoder(arch[len(TIMM_PREFIX):], in_channels, image_size)
+    else:
+        enc = ENCODERS[arch](in_channels=in_channels, image_size=image_size)
     assert isinstance(getattr(enc, "feature_dim", None), int)
     return enc
+
+
+def encoder_recipe(arch: str, *, in_channels: int, image_size: int) -> dict:
+    """How to rebuild ``arch`` without instdisc, for export metadata: ``{"library": "timm", "model": NAME,
+    "create_args": {...}}`` (``timm.create_model(NAME, **create_args)``), or ``{"library": "instdisc", "arch": ...}``.
+    """
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX):]
+        return {"library": "timm", "model": name, "create_args": timm_create_args(name, in_channels, image_size)}
+    return {"library": "instdisc", "arch": arch}
 
 
 class ConvNet(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import check_int
 from ..errors import InstdiscError
 from .canvas import check_png_path, new_figure, save_png
 
@@ -240,6 +241,8 @@ def embedding_map(source: str | os.PathLike, data: str | None, out, *, method: s
         raise InstdiscError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if thumbnails < 0:
         raise InstdiscError(f"--thumbnails must be >= 0, got {thumbnails}")
+    check_int(limit, "--limit", 1, optional=True)
+    check_int(batch_size, "--batch-size", 1)
     check_png_path(out)
     feats, labels, classes, ds, rows, what, where = _features(
         str(source), data, layer=layer, limit=limit, device=device, data_root=data_root, batch_size=batch_size,

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from ..bank import BANK_DTYPES, DEFAULT_K, auto_k
+from ..bank_neighbours import NEIGHBOUR_INDEXES
 from ..device import DEVICES
 from ..errors import InstdiscError
 from ..models.head import HEADS
@@ -12,14 +14,15 @@ from ..normaliser import Z_MODES
 from ..objective import LOSSES, NEGATIVES, POSITIVES
 from .schedule import SCHEDULES
 
-__all__ = ["TrainConfig", "RECIPES", "CHOICES"]
+__all__ = ["TrainConfig", "RECIPES", "CHOICES", "DEFAULT_RECIPE"]
 
 # The allowed values of each setting that is a choice, each list spelled once (in the module that implements it);
 # the CLI's options and TrainConfig.validate both read them from here.
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss": LOSSES, "negatives": NEGATIVES, "positive": POSITIVES, "z_mode": Z_MODES,
     "bank_dtype": tuple(BANK_DTYPES), "bank_init": ("random", "encoder"), "augment": ("auto", "batch", "pil"),
-    "device": DEVICES, "schedule": SCHEDULES, "head": HEADS,
+    "device": DEVICES, "schedule": SCHEDULES, "head": HEADS, "neighbour_index": NEIGHBOUR_INDEXES,
+    "cluster_source": ("bank", "labels"),
 }
 
 # Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
@@ -30,6 +33,9 @@ RECIPES: dict[str, dict] = {
                   head="linear", lr=0.03, weight_decay=5e-4, schedule="step", warmup_epochs=0.0, z_mode="first-batch",
                   views=1),
 }
+
+
+DEFAULT_RECIPE = "fast"  # what `instdisc train` and TrainConfig.from_recipe() use when no recipe is named
 
 
 @dataclass
@@ -43,6 +49,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     recipe: str = "fast"
     arch: str = "convnet-s-pool2"
+    init_weights: str | None = None    # start the encoder from this local file (state dict, .safetensors, export)
     head: str = "mlp"
     low_dim: int = 128
     epochs: int = 10
@@ -60,6 +67,12 @@ class TrainConfig:
     negatives: str = "shared"          # shared | per-sample
     positive: str = "view+bank"        # bank | view | view+bank | neighbour | view+neighbour
     bank_weight: float = 0.5           # positive view+bank: weight w of the bank term, (1 - w) of the view term
+    neighbours: int = 0                # k_nb nearest stored rows joining the bank term's positive (0: off)
+    neighbour_start: int = 1           # first search after this many epochs (0: right after the bank's init)
+    neighbour_every: int = 1           # then every this many epochs
+    neighbour_index: str = "auto"      # auto | flat | ivf (FAISS; auto: exact up to 60k rows)
+    clusters: int = 0                  # C: k-means clusters over the bank; same-cluster batch samples are positives
+    cluster_source: str = "bank"       # bank | labels (the label oracle: a ceiling for benchmarks, never a method)
     in_batch: bool = True
     views: int = 2                     # 1: one augmented view per image (paper), 2: two views
     z_mode: str = "running"            # first-batch | running  (NCE normaliser Z)
@@ -78,10 +91,11 @@ class TrainConfig:
     knn_k: int = 200
     tensorboard: str | None = None     # folder for TensorBoard event files (the metrics.jsonl scalars), needs [plot]
     sync_bn: bool = False              # distributed runs on CUDA: SyncBatchNorm over the processes
+    verdict: bool = True               # end-of-run verdict: learned vs untrained vs raw pixels (training/verdict.py)
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_recipe(cls, recipe: str = "fast", **overrides) -> "TrainConfig":
+    def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides) -> "TrainConfig":
         """Config for a named recipe; ``overrides`` (non-None values) win over the recipe's values."""
         if recipe not in RECIPES:
             raise InstdiscError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
@@ -131,6 +145,21 @@ class TrainConfig:
                 "negatives are then the only ones")
         if self.positive == "view+bank" and (self.loss != "infonce" or not self.in_batch):
             bad("--positive view+bank needs --loss infonce and --in-batch")
+        if self.neighbours < 0:
+            bad(f"--neighbours must be >= 0, got {self.neighbours}")
+        if self.neighbours and not (self.loss == "infonce" and self.positive in ("bank", "view+bank")
+                                    and self.nce_k != 0):
+            bad("--neighbours needs --loss infonce, --positive view+bank (or bank) and bank negatives (--nce-k > 0): "
+                "the neighbours join the bank term's positive")
+        if self.clusters < 0 or self.clusters == 1:
+            bad(f"--clusters must be 0 or >= 2, got {self.clusters}")
+        if self.clusters and not (self.loss == "infonce" and self.in_batch and self.positive in ("view", "view+bank")):
+            bad("--clusters needs --loss infonce, --in-batch and --positive view+bank (or view): same-cluster samples "
+                "of the batch join the view term's positive")
+        if self.neighbour_start < 0:
+            bad(f"--neighbour-start must be >= 0, got {self.neighbour_start}")
+        if self.neighbour_every < 1:
+            bad(f"--neighbour-every must be >= 1, got {self.neighbour_every}")
         if self.epochs < 1:
             bad(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
@@ -149,8 +178,26 @@ class TrainConfig:
             bad("in-batch negatives need two views per image")
         if not 0 < self.crop_min <= 1:
             bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
+        if self.init_weights is not None and not os.path.exists(self.init_weights):
+            bad(f"--init-weights {self.init_weights}: no such file or folder")
         if self.workers < 0:
             bad(f"--workers must be >= 0, got {self.workers}")
+        if self.image_size is not None and self.image_size < 8:  # the encoders' smallest input
+            bad(f"--image-size must be >= 8, got {self.image_size}")
+        if self.log_every < 1:
+            bad(f"--log-every must be >= 1, got {self.log_every}")
+        if self.save_every < 0:
+            bad(f"--save-every must be >= 0 (0: only at epoch ends), got {self.save_every}")
+        if self.knn_every < 0:
+            bad(f"--knn-every must be >= 0, got {self.knn_every}")
+        if self.knn_k < 1:
+            bad(f"knn_k must be >= 1, got {self.knn_k}")
+        if not self.warmup_epochs >= 0:
+            bad(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not self.weight_decay >= 0:
+            bad(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            bad(f"momentum must be in [0, 1), got {self.momentum}")
         if self.channels not in (None, 1, 3):
             bad(f"--channels must be 1 or 3, got {self.channels}")
         if self.limit is not None and self.limit < 1:
@@ -177,3 +224,8 @@ class TrainConfig:
             raise InstdiscError(f"--batch-size ({self.batch_size}) is larger than the dataset ({n_data} images)")
         if self.loss != "softmax" and self.nce_k >= n_data:
             raise InstdiscError(f"--nce-k ({self.nce_k}) must be smaller than the number of images ({n_data})")
+        if self.clusters > n_data:
+            raise InstdiscError(f"--clusters ({self.clusters}) must not exceed the number of images ({n_data})")
+        if self.neighbours >= n_data:
+            raise InstdiscError(f"--neighbours ({self.neighbours}) must be smaller than the number of images "
+                                f"({n_data})")

@@ -15,7 +15,9 @@ current encoder + head in eval mode, f_i (P x D, unit rows), and compared with t
     z_std       mean over the D dimensions of the std of f         1/sqrt(D) for uniform embeddings, 0 when collapsed
 
 The probe uses its own generators, in eval mode and float32, and changes no state: a run with and without it trains
-identically. :func:`health_warnings` turns the epoch history into one-line warnings naming what to try.
+identically. :func:`health_warnings` turns the epoch history into one-line warnings naming what to try: a loss
+rising two epochs in a row, embeddings crowding further, and an epoch history that shows no discrimination (gap below
+NO_DISCRIMINATION_GAP or uniformity above NO_DISCRIMINATION_UNIFORMITY for NO_DISCRIMINATION_EPOCHS epochs in a row).
 """
 from __future__ import annotations
 
@@ -30,11 +32,15 @@ from ..data.transforms import eval_transform, train_transform
 from ..features import eval_mode
 from ..seeding import Stream, mix_seed
 
-__all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY"]
+__all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY",
+           "NO_DISCRIMINATION_GAP", "NO_DISCRIMINATION_UNIFORMITY", "NO_DISCRIMINATION_EPOCHS"]
 
 PROBE_SIZE = 1024  # images in the probe (fewer when the dataset is smaller)
 COLLAPSE_Z_STD = 0.25  # warn when z_std falls below this fraction of 1/sqrt(D)
 COLLAPSE_UNIFORMITY = -0.5  # ... or uniformity rises above this (uniform on the sphere: about -3.9 at D = 128)
+NO_DISCRIMINATION_GAP = 0.05  # an epoch does not discriminate: its positive/negative gap is below this
+NO_DISCRIMINATION_UNIFORMITY = -0.25  # ... or its uniformity is above this (the demo's first epoch: -0.44)
+NO_DISCRIMINATION_EPOCHS = 3  # warn after this many such epochs in a row (and every 5 more)
 
 
 def pairwise_stats(f: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
@@ -76,7 +82,7 @@ class HealthProbe:
         else:
             self.eval_t, self.train_t = eval_transform(ds), train_transform(ds, scale=(crop_min, 1.0))
 
-    def _inputs(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def views(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(eval view, augmented view a, augmented view b), each P x C x S x S float32 on the device."""
         idx = self.slots
         if self.array is not None:
@@ -100,7 +106,7 @@ class HealthProbe:
             return {}
         keep = None if slots is None else torch.isin(self.slots, slots.to(self.slots.device))
         with eval_mode(model):
-            e, a, b = self._inputs(epoch)
+            e, a, b = self.views(epoch)
             if keep is not None:
                 e, a, b = e[keep], a[keep], b[keep]
             f = F.normalize(model.embed(e).float(), dim=1)  # P x D
@@ -139,4 +145,22 @@ def health_warnings(history: list[dict], dim: int) -> list[str]:
     if crowded and math.isfinite(unif) and math.isfinite(prev) and unif > prev:
         out.append(f"the embeddings are collapsing (z_std {z_std:.4f}, uniformity {unif:.3f}; uniform: "
                    f"{1 / math.sqrt(dim):.4f}, about -3.9): try a lower --lr, a higher --nce-t, or more negatives")
+    streak = _no_discrimination_streak(history)
+    if streak >= NO_DISCRIMINATION_EPOCHS and (streak - NO_DISCRIMINATION_EPOCHS) % 5 == 0:
+        out.append(f"the run does not discriminate between images: for {streak} epochs the positive/negative gap "
+                   f"stayed below {NO_DISCRIMINATION_GAP} or uniformity above {NO_DISCRIMINATION_UNIFORMITY} (now gap "
+                   f"{_num(last, 'gap'):.3f}, uniformity {unif:.3f}); try a lower --lr, a smaller --batch-size, "
+                   f"stronger augmentations (a smaller --crop-min), or check that the images differ from each other")
     return out
+
+
+def _no_discrimination_streak(history: list[dict]) -> int:
+    """Epochs at the end of ``history`` in a row whose gap or uniformity shows no discrimination."""
+    streak = 0
+    for record in reversed(history):
+        gap, unif = _num(record, "gap"), _num(record, "uniformity")
+        if not ((math.isfinite(gap) and gap < NO_DISCRIMINATION_GAP) or
+                (math.isfinite(unif) and unif > NO_DISCRIMINATION_UNIFORMITY)):
+            break
+        streak += 1
+    return streak

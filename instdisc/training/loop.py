@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_text, check_free_space, check_writable_dir, remove_stale_temps
+from ..bank_neighbours import cluster_purity, label_agreement
 from ..data import build_dataset
 from ..device import resolve_device
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
 from ..method import InstDiscModel
+from ..models.init_weights import load_init_weights
 from ..seeding import Stream, get_rng_state, mix_seed, seed_everything, set_rng_state
 from ..version import __version__
 from .batches import DataError, data_error_message, guarded
@@ -44,6 +46,7 @@ from .precision import as_channels_last, autocast, resolve_amp, use_channels_las
 from .progress import MetricsWriter, Progress, format_eta
 from .schedule import lr_at
 from .strategy import SingleProcess, launched_world_size
+from .verdict import run_verdict, verdict_line
 
 __all__ = ["train", "train_one_epoch", "TrainResult", "TrainingDiverged"]
 
@@ -51,11 +54,11 @@ log = logging.getLogger("instdisc.training")
 
 # Settings that may differ between a run and its resume (they do not change what is computed on CPU).
 _RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "knn_every", "knn_data",
-                      "data_root", "tensorboard"}
+                      "data_root", "tensorboard", "verdict"}
 
 
 # Step statistics of the objective whose epoch means go into the epoch record (see Objective.forward).
-_EPOCH_MEANS = ("pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share")
+_EPOCH_MEANS = ("pos_sim", "neg_sim", "own_sim", "inbatch_sim", "bank_share", "neighbour_sim")
 
 
 def _means(step_stats: dict[str, list[float]]) -> dict[str, float]:
@@ -80,6 +83,7 @@ class TrainResult:
     last_loss: float
     model: InstDiscModel
     stop_signal: int | None = None  # the signal that interrupted the run (SIGINT 2, SIGTERM 15)
+    verdict: dict | None = None  # the end-of-run verdict record (instdisc.training.verdict); None: not computed
 
 
 def _git_commit() -> str:
@@ -255,6 +259,12 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache) -> _R
     """Build the data, the model and the optimizer, check everything, then start the run or load its checkpoint."""
     device = strategy.device
     run_existed = Path(cfg.out).is_dir()  # before the index cache (default OUT/.index-cache) can create it
+    if resume and not run_existed:  # refused before the data is read (the same check as _check_restart's)
+        raise InstdiscError(f"--resume: no run directory at {cfg.out} (nothing to resume; leave out --resume to "
+                            f"start a new run)")
+    if not resume and (Path(cfg.out) / CHECKPOINT_NAME).exists():
+        raise InstdiscError(f"{cfg.out} already holds a checkpoint; pass --resume to continue it or choose a new "
+                            f"--out")
     cache_dir = index_cache if index_cache is not None else Path(cfg.out) / ".index-cache"
     with strategy.local_main_first():  # one lister per node
         ds = dataset if dataset is not None else build_dataset(
@@ -341,12 +351,16 @@ def _begin(run: _Run, use_batch_aug: bool) -> None:
                     augment_resolved="batch" if use_batch_aug else "pil", amp_resolved=run.amp,
                     dataset=run.data_info, steps_per_epoch=run.steps_per_epoch, torch_version=torch.__version__,
                     **strategy.run_info(cfg))
+    if cfg.init_weights:  # the encoder starts from the file (each process alike); the bank below is built from it
+        resolved["init_weights_loaded"] = load_init_weights(run.model.encoder, cfg.init_weights)  # path, SHA-256
     if strategy.is_main:
         atomic_write_text(run.out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     if cfg.bank_init == "encoder":
         t0 = time.perf_counter()
         strategy.init_bank_from_encoder(run.model, run.ds, max(256, cfg.batch_size))  # each process: its rows
         log.info("memory bank initialised from the untrained encoder in %.1fs", time.perf_counter() - t0)
+    if (cfg.neighbours or cfg.clusters) and cfg.neighbour_start == 0:
+        _refresh_neighbours(run, 0)
     fault_point("train.before_first_checkpoint")  # test-only (instdisc.faultpoints): a kill before any save
 
 
@@ -368,8 +382,17 @@ def _fit(run: _Run, stop: _StopFlag) -> TrainResult:
                             stop.signum, run.epoch + 1, done)
                 break
             _end_epoch(run, time.perf_counter() - t_epoch)
+    verdict = run.strategy.on_main(functools.partial(_verdict, run)) if not interrupted and cfg.verdict else None
     return TrainResult(run.out, run.epoch, run.global_step, interrupted, run.last_loss, run.model,
-                       stop.signum if interrupted else None)
+                       stop.signum if interrupted else None, verdict)
+
+
+def _verdict(run: _Run) -> dict:
+    """Does the run learn? The verdict record (instdisc.training.verdict), logged and written to metrics.jsonl."""
+    record = run_verdict(run.model, run.cfg, run.ds, run.probe, run.data_info, device=run.device, epoch=run.epoch)
+    run.metrics.write(record)
+    (log.info if record["verdict"] == "learned" else log.warning)("%s", verdict_line(record))
+    return record
 
 
 def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
@@ -441,6 +464,8 @@ def _end_epoch(run: _Run, seconds: float) -> None:
     record["gap"] = record.get("pos_sim", float("nan")) - (
         record["neg_sim"] if math.isfinite(record.get("neg_sim", float("nan")))
         else record.get("inbatch_sim", float("nan")))
+    if neighbours_due(cfg, epoch):  # before the checkpoint, which holds the new table
+        record.update(_refresh_neighbours(run, epoch))
     if run.knn_monitor is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
         record.update(run.knn_monitor(run.model))
         log.info("epoch %d kNN (bank, k=%d) top1 %.2f%%", epoch, cfg.knn_k, 100 * record["knn_top1"])
@@ -453,6 +478,33 @@ def _end_epoch(run: _Run, seconds: float) -> None:
     run.history.append(record)
     for text in health_warnings(run.history, cfg.low_dim):
         log.warning("epoch %d: %s", epoch, text)
+
+
+def neighbours_due(cfg: TrainConfig, epochs_done: int) -> bool:
+    """True when the bank's neighbour table is searched again after ``epochs_done`` epochs (the schedule of
+    --neighbour-start / --neighbour-every; 0 = right after the bank's initialisation)."""
+    return bool(cfg.neighbours or cfg.clusters) and epochs_done >= cfg.neighbour_start and \
+        (epochs_done - cfg.neighbour_start) % cfg.neighbour_every == 0
+
+
+def _refresh_neighbours(run: _Run, epochs_done: int) -> dict:
+    """Search the bank for every slot's neighbours (a collective in a distributed run); the stats of the epoch
+    record: stability, search seconds, index, and (a monitor only, never read by training) the share of neighbours
+    with the same label when the data has labels."""
+    objective = run.model.objective
+    stats = objective.refresh_neighbours(seed=mix_seed(run.cfg.seed, epochs_done, Stream.NEIGHBOURS))
+    nb = objective.neighbours
+    if run.cfg.cluster_source == "labels":  # the label oracle (benchmarks): the true classes as the clusters
+        nb.set_clusters(torch.as_tensor(np.asarray(run.ds.labels)))
+    if nb.k:
+        stats["neighbour_label_agreement"] = label_agreement(nb.slots.cpu(), run.ds.labels)
+    if nb.clusters:
+        stats["cluster_label_purity"] = cluster_purity(nb.assign.cpu(), run.ds.labels)
+    log.info("bank neighbours (k=%d, clusters %d, %s) searched after epoch %d in %.2fs: %.3f kept since the last "
+             "search; labels (a monitor): neighbours agree %.3f, cluster purity %.3f", nb.k, nb.clusters,
+             stats["neighbour_index"], epochs_done, stats["neighbour_seconds"], stats["neighbour_stability"],
+             stats.get("neighbour_label_agreement", float("nan")), stats.get("cluster_label_purity", float("nan")))
+    return stats
 
 
 def _epoch_history(path: Path) -> list[dict]:

@@ -109,6 +109,11 @@ class SingleProcess:
         """The training-health signals of the probe (instdisc.training.health)."""
         return probe(model, epoch)
 
+    def on_main(self, fn):
+        """``fn()`` in the process that writes the run's files (the end-of-run verdict), None in the others; no
+        collective: the others go on at once."""
+        return fn() if self.is_main else None
+
     # ------------------------------------------------------------------ per step
     def any_true(self, flag: bool) -> bool:
         """Whether any process says ``flag`` (a stop request)."""

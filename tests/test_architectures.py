@@ -117,7 +117,9 @@ def test_knn_monitor_equals_an_independent_knn(tmp_path):
     held-out embeddings against the saved bank's labelled rows, computed here from the definition."""
     root = make_template_mnist(tmp_path / "data")
     out = tmp_path / "run"
-    cfg = tiny_cfg(root, out, epochs=2, knn_every=1, knn_data="fashion-mnist:test", knn_k=10, nce_k=32, low_dim=8)
+    # seed 1: the smallest vote margin is 2.3e-4 on an AVX2 CPU (seed 0 left 9.6e-6 there, under the 1e-5 below)
+    cfg = tiny_cfg(root, out, epochs=2, knn_every=1, knn_data="fashion-mnist:test", knn_k=10, nce_k=32, low_dim=8,
+                   seed=1)
     train(cfg)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if r["type"] == "epoch"]

@@ -378,7 +378,8 @@ def test_deterministic_and_degenerate_sizes():
     a = obj(z, idx, generator=_gen(5))
     b = obj(z, idx, generator=_gen(5))
     assert a[0].item() == b[0].item() and _same_stats(a[1], b[1])
-    assert set(a[1]) == {"loss", "pos_sim", "neg_sim", "log_z", "own_sim", "inbatch_sim", "bank_share"}
+    assert set(a[1]) == {"loss", "pos_sim", "neg_sim", "log_z", "own_sim", "inbatch_sim", "bank_share",
+                         "neighbour_sim"}
     assert all(isinstance(v, float) for v in a[1].values())
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import InstdiscError
+from ..hashing import file_sha256 as _sha256  # a module name the export tests patch to inject a failure
 from ..version import EXPORT_FORMAT, __version__
 from ..atomic_dir import atomic_directory
 from . import fmt_onnx, fmt_safetensors, fmt_torchscript
@@ -57,14 +58,6 @@ HEAD_FILE = "head.pt"
 METADATA_FILE = "metadata.json"
 PARITY_ATOL = 1e-5
 _PROBE_BATCH = 8
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _state_dict_cpu(module: nn.Module) -> dict:

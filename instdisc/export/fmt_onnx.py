@@ -12,25 +12,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
 
-from .formats import ExportContext, check_close, missing_extra
+from .formats import EncoderGraph, ExportContext, check_close, missing_extra
 
 __all__ = ["write", "check", "OPSET", "ATOL", "FILE"]
 
 FILE = "encoder.onnx"
 OPSET = 17
 ATOL = 1e-4
-
-
-class _Graph(nn.Module):
-    def __init__(self, encoder: nn.Module, head: nn.Module | None):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x):
-        v = self.encoder(x)  # (B, D)
-        return v if self.head is None else (v, self.head(v))  # (B, D), (B, low_dim)
 
 
 def _outputs(ctx: ExportContext) -> list[str]:
@@ -43,7 +32,7 @@ def write(ctx: ExportContext) -> list[str]:
             __import__(package)
         except ImportError:
             raise missing_extra(package, "onnx") from None
-    graph = _Graph(ctx.encoder, ctx.head).eval()
+    graph = EncoderGraph(ctx.encoder, ctx.head).eval()
     axes = {name: {0: "batch"} for name in ["image", *_outputs(ctx)]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is marked deprecated in torch >= 2.9

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import InstdiscError
-from .formats import ExportContext, parity_max_abs_diff
+from .formats import EncoderGraph, ExportContext, parity_max_abs_diff
 
 __all__ = ["write", "check", "script_encoder", "load_torchscript", "SCRIPT_FILE", "PROGRAM_FILE"]
 
@@ -77,20 +77,10 @@ def load_torchscript(path: str | os.PathLike, map_location="cpu") -> torch.jit.S
 
 def _torch_export(ctx: ExportContext):
     """A ``torch.export`` program of encoder (and head), batch axis dynamic."""
-    graph = _ProgramGraph(ctx.encoder, ctx.head).eval()
+    graph = EncoderGraph(ctx.encoder, ctx.head).eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
         return torch.export.export(graph, (ctx.x,), dynamic_shapes=({0: batch},))
-
-
-class _ProgramGraph(nn.Module):
-    def __init__(self, encoder: nn.Module, head: nn.Module | None):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x):
-        v = self.encoder(x)  # (B, D)
-        return v if self.head is None else (v, self.head(v))  # (B, D), (B, low_dim)
 
 
 def write(ctx: ExportContext) -> list[str]:

@@ -15,7 +15,20 @@ from torch import nn
 
 from ..errors import InstdiscError
 
-__all__ = ["ExportContext", "ExportParityError", "check_close", "missing_extra", "parity_max_abs_diff"]
+__all__ = ["EncoderGraph", "ExportContext", "ExportParityError", "check_close", "missing_extra",
+           "parity_max_abs_diff"]
+
+
+class EncoderGraph(nn.Module):
+    """What the ONNX and torch.export writers trace: x -> v (B, D), or (v, head(v)) with the projection head."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x):
+        v = self.encoder(x)  # (B, D)
+        return v if self.head is None else (v, self.head(v))  # (B, D), (B, low_dim)
 
 
 class ExportParityError(RuntimeError):

@@ -11,7 +11,6 @@ Only tensors are read (``weights_only=True`` / safetensors): nothing in the file
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InstdiscError
+from ..hashing import file_sha256
 
 __all__ = ["load_init_weights", "read_weights", "match_keys", "STRIP_PREFIXES"]
 
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 
 STRIP_PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
 _WRAPPERS = ("state_dict", "model", "model_state", "module", "encoder")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -133,7 +125,7 @@ def load_init_weights(encoder: nn.Module, path: str | os.PathLike) -> dict:
                                 f"the file, {tuple(target[k].shape)} in the encoder (another architecture, "
                                 f"channel count or image size?)")
     encoder.load_state_dict({k: v.to(target[k].dtype) for k, v in matched.items()}, strict=False)
-    report = {"path": str(path), "file": str(f.resolve()), "sha256": _sha256(f), "loaded": len(matched),
+    report = {"path": str(path), "file": str(f.resolve()), "sha256": file_sha256(f), "loaded": len(matched),
               "missing": missing, "unexpected": unexpected}
     log.info("--init-weights: loaded %d tensors from %s; missing %d%s; unexpected (dropped) %d%s", len(matched), f,
              len(missing), f" ({_short(missing)})" if missing else "", len(unexpected),

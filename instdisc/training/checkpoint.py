@@ -4,7 +4,6 @@ Covered by tests/test_train_checkpoint.py.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -15,6 +14,7 @@ import torch
 
 from ..atomic import atomic_torch_save
 from ..errors import InstdiscError
+from ..hashing import file_sha256  # re-exported: part of this module's API
 from ..version import CHECKPOINT_FORMAT, __version__
 from .config import TrainConfig
 
@@ -81,11 +81,3 @@ def load_run(path: str | os.PathLike, map_location="cpu"):
     model.load_state_dict(ckpt["model"])
     model.eval()
     return cfg, model, ckpt
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -4,8 +4,9 @@
 
 Rows: memory bank on the GPU (shared and per-sample heads at N = 1.28M, K = 4096), bf16 autocast training steps of
 ResNet-18 / convnet-s, FAISS GPU flat index vs CPU flat index (Q = 10k, N = 1M, k = 200), a short real training run
-(Fashion-MNIST subset, AMP) with a kNN check. Without CUDA it says so and exits with status 0, printing nothing else:
-it never fakes a figure.
+(Fashion-MNIST subset, AMP) with a kNN check; then bench_roofline.py's tables on the GPU: the measured bf16 / float32
+matmul and conv limits, the demo step's achieved rate per part and where its time goes (--skip-roofline: left out).
+Without CUDA it says so and exits with status 0, printing nothing else: it never fakes a figure.
 """
 from __future__ import annotations
 
@@ -118,10 +119,21 @@ def train_rows(dev) -> list[dict]:
                  model.objective.bank.memory.device)}]
 
 
+def roofline(dev) -> dict:
+    """bench_roofline.py's measurement on ``dev`` (limits, the demo step's parts, the profile), its tables printed;
+    the module is imported only here."""
+    import bench_roofline
+
+    res = bench_roofline.run(dev)
+    print("\n" + bench_roofline.format_tables(res))
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json-out", default=str(_machine.REPO / "benchmarks/results/bench_gpu.json"))
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-roofline", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured (run it on a GPU machine)")
@@ -133,8 +145,9 @@ def main() -> int:
     for r in rows:
         extras = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")
         print(f"{r['what']:<72} {extras}")
+    roof = None if args.skip_roofline else roofline(dev)
     _machine.write_json(args.json_out, {"benchmark": "bench_gpu", "gpu": name, "machine": _machine.machine_info(),
-                                        "rows": rows})
+                                        "rows": rows, **({"roofline": roof} if roof is not None else {})})
     return 0
 
 

@@ -16,6 +16,7 @@ SUITE = [
     ("head", ["bench_head.py"]),
     ("step", ["bench_step.py", "--steps", "6"]),
     ("precision", ["bench_precision.py", "--reps", "5"]),
+    ("roofline", ["bench_roofline.py", "--repeats", "3", "--warmup", "1", "--matmul-n", "1024"]),  # emulated bf16: 2 s a call
     ("input", ["bench_input.py", "--n28", "2048", "--n224", "128", "--cap", "5"]),
     ("batch_aug", ["bench_batch_aug.py", "--rounds", "5"]),
     ("index", ["bench_index.py"]),

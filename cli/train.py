@@ -21,7 +21,8 @@ from .app import cli, data_options
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
               help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
 @click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())}, or timm:NAME for any timm model "
-              f"(needs the [timm] extra; list the names with: {TIMM_LIST_HINT}) [default: convnet-s-pool2].")
+              f"(needs the [timm] extra; list the names with: {TIMM_LIST_HINT}) [default: convnet-s-pool2]. The "
+              f"convnets drop stride-2 layers on tiny images (the last map stays >= 4 px); NAME@D sets D of them.")
 @click.option("--init-weights", type=click.Path(), default=None,
               help="Start the encoder from a local file: a timm / torchvision state dict (.pth, .pt), a .safetensors "
                    "file, or an instdisc export or run folder (new runs only; recorded with its SHA-256).")
@@ -50,16 +51,26 @@ from .app import cli, data_options
 @click.option("--z-mode", type=click.Choice(CHOICES["z_mode"]), default=None, help="NCE normaliser Z.")
 @click.option("--bank-dtype", type=click.Choice(CHOICES["bank_dtype"]), default=None)
 @click.option("--bank-init", type=click.Choice(CHOICES["bank_init"]), default=None)
-@click.option("--augment", type=click.Choice(CHOICES["augment"]), default=None)
-@click.option("--crop-min", type=float, default=None, help="Smallest crop area fraction (InstDisc: 0.2).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default 10).")
-@click.option("--batch-size", type=int, default=None, help="Batch size (default 256).")
+@click.option("--augment", type=click.Choice(CHOICES["augment"]), default=None,
+              help="auto: whole batches in memory (BatchAugment; folders and lists of up to 1 GiB decoded are read "
+                   "into memory once); pil: per-sample PIL transforms of the files.")
+@click.option("--crop-min", type=float, default=None,
+              help="Smallest crop area fraction (default 0.2 as InstDisc; images under 24 px: up to 0.6).")
+@click.option("--epochs", type=int, default=None,
+              help="Epochs (default 10, more on small data: at least 1500 optimiser steps; see docs/small-data.md).")
+@click.option("--batch-size", type=int, default=None,
+              help="Batch size (default 256; on small data down to 64 so that the run gets at least 1500 steps).")
+@click.option("--steps", type=int, default=None, help="Optimiser steps in all, instead of --epochs.")
+@click.option("--time", "time", default=None,
+              help="Wall-clock budget, e.g. 90s, 10m, 1h30m: the run measures its speed after a few steps and fits "
+                   "the number of steps and the learning-rate schedule to it (instead of --epochs).")
 @click.option("--lr", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--schedule", type=click.Choice(CHOICES["schedule"]), default=None)
 @click.option("--warmup-epochs", type=float, default=None)
 @click.option("--image-size", type=int, default=None,
-              help="Side of the images the encoder sees (folders, lists: default inferred from the images).")
+              help="Side of the images the encoder sees (folders, lists: default inferred from the images, at most "
+                   "96 on a CPU and 224 on CUDA).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
               callback=lambda ctx, p, v: None if v is None else int(v),
               help="Folders, lists: 1 (grayscale) or 3 (RGB) [default: inferred from the images].")

@@ -98,7 +98,7 @@ def _put_back_and_resume_to_the_reference(folder, victim, tmp_path, run, args):
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_file_deleted_mid_run_is_named_progress_kept_and_resume_exact(tmp_path, monkeypatch, workers):
     folder = make_mixed_folder(tmp_path / "imgs", n_per_class=8)
-    args = ["--workers", workers, "--epochs", "3"]
+    args = ["--workers", workers, "--epochs", "3", "--augment", "pil"]  # files read at each step, not in memory
     r = invoke(folder_args(folder, tmp_path / "ref", *args))
     assert r.exit_code == 0, r.output
 
@@ -131,7 +131,7 @@ def test_file_unreadable_at_the_epochs_health_probe_is_saved_and_resume_exact(tm
     steps are saved (step = steps per epoch), the error names the file, and --resume closes the epoch exactly as an
     uninterrupted run does (its epoch record included)."""
     folder = make_mixed_folder(tmp_path / "imgs", n_per_class=8)
-    args = ["--epochs", "2"]
+    args = ["--epochs", "2", "--augment", "pil"]  # the probe reads the files, not an in-memory copy
     r = invoke(folder_args(folder, tmp_path / "ref", *args))
     assert r.exit_code == 0, r.output
 

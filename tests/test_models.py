@@ -67,3 +67,33 @@ def test_pool2_keeps_the_quadrants():
     gap = build_encoder("convnet-s", in_channels=1, image_size=28).eval()
     gap.load_state_dict(enc.state_dict())
     torch.testing.assert_close(gap(x), fmap.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size,d,side", [(8, 1, 4), (12, 1, 6), (16, 2, 4), (24, 2, 6), (28, 3, 4), (32, 3, 4),
+                                         (96, 3, 12)])
+def test_convnets_keep_a_useful_map_on_tiny_images(size, d, side):
+    """Stride-2 layers only while the last map stays >= MIN_MAP px: 28 px and up as always (3), tiny images fewer."""
+    from instdisc.models.registry import convnet_downsample, describe_downsample
+
+    assert convnet_downsample(size, 4) == d
+    enc = build_encoder("convnet-s-pool2", in_channels=1, image_size=size)
+    assert enc.downsample == d
+    assert enc.body(torch.zeros(1, 1, size, size)).shape[-1] == side
+    line = describe_downsample("convnet-s-pool2", size)
+    assert (line is None) == (d == 3) and (line is None or f"{side}x{side}" in line)
+
+
+def test_convnet_downsample_override_and_refusals():
+    enc = build_encoder("convnet-s-pool2@3", in_channels=1, image_size=8)
+    assert enc.downsample == 3 and enc(torch.zeros(2, 1, 8, 8)).shape == (2, 1024)
+    assert build_encoder("convnet-s@0", in_channels=3, image_size=32).downsample == 0
+    assert describe_downsample_none("convnet-s-pool2@3", 8)
+    for bad, word in (("convnet-s@9", "stride-2"), ("convnet-s@x", "after '@'"), ("resnet18@2", "convnet")):
+        with pytest.raises(InstdiscError, match=word):
+            build_encoder(bad, in_channels=1, image_size=28)
+
+
+def describe_downsample_none(arch, size):
+    from instdisc.models.registry import describe_downsample
+
+    return describe_downsample(arch, size) is None

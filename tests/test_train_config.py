@@ -88,3 +88,22 @@ def test_recipes_are_valid():
         assert cfg.resolve_for_data(60000) is not None and cfg.nce_k == 4096
         cfg.validate_for_data(60000)
     assert TrainConfig.from_recipe("paper").loss != TrainConfig.from_recipe("fast").loss  # the recipes differ
+
+
+@pytest.mark.parametrize("size,crop", [(8, 0.6), (12, 0.4), (16, 0.3), (20, 0.24), (24, 0.2), (28, 0.2), (224, 0.2)])
+def test_crop_scale_adapts_to_tiny_images(size, crop):
+    from instdisc.training.config import crop_min_for
+
+    assert crop_min_for(size) == crop
+    cfg = TrainConfig.from_recipe("fast")
+    line = cfg.resolve_for_images(size)
+    assert cfg.crop_min == crop and (line is None) == (crop == 0.2)
+    given = TrainConfig.from_recipe("fast", crop_min=0.9)
+    assert given.resolve_for_images(size) is None and given.crop_min == 0.9
+
+
+def test_unknown_arch_refused_before_any_data():
+    with pytest.raises(InstdiscError, match="unknown arch"):
+        TrainConfig.from_recipe("fast", arch="convnet-xl")
+    TrainConfig.from_recipe("fast", arch="convnet-s-pool2@2")
+    TrainConfig.from_recipe("fast", arch="timm:resnet18")

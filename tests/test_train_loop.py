@@ -335,3 +335,22 @@ def test_neighbour_settings_are_validated():
         TrainConfig.from_recipe("fast", neighbours=2, neighbour_start=-1)
     with pytest.raises(InstdiscError, match=r"--neighbours \(96\) must be smaller"):
         TrainConfig.from_recipe("fast", neighbours=96, batch_size=16, nce_k=32).validate_for_data(96)
+
+
+def test_large_photos_train_at_the_cpu_size_cap(tmp_path, caplog):
+    """A folder of 200 x 150 photos, no --image-size, on a CPU: size 96 (the CPU cap), said in the log and recorded."""
+    import logging
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(tmp_path / "photos" / c / f"{i}.jpg")
+    with caplog.at_level(logging.INFO, logger="instdisc"):
+        train(tiny_cfg(None, tmp_path / "r", data=str(tmp_path / "photos"), data_root=None, nce_k=8, batch_size=8,
+                       steps=1, epochs=None, verdict=False, device="cpu"))
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["dataset"]["image_size"] == 96 and "capped at 96" in cfg["dataset"]["geometry"]["reason"]
+    assert any("capped at 96 on cpu" in r.getMessage() for r in caplog.records)

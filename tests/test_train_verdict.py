@@ -29,8 +29,11 @@ def test_held_out_slice_is_fixed_disjoint_bounded_and_labelled_only():
     assert np.array_equal(again[0], gallery) and np.array_equal(again[1], queries)
     other = held_out_slice(labels, seed=4)
     assert not np.array_equal(other[1], queries)
-    small = held_out_slice(np.arange(100) % 4, seed=0)  # 100 labelled: 20 queries, 80 gallery
-    assert (len(small[0]), len(small[1])) == (80, 20)
+    small = held_out_slice(np.arange(100) % 4, seed=0)  # 100 labelled (<= 5000): half are queries
+    assert (len(small[0]), len(small[1])) == (50, 50)
+    mid = held_out_slice(np.arange(6000) % 4, seed=0)  # over 5000 labelled: a fifth, at most 1000
+    assert (len(mid[0]), len(mid[1])) == (4000, 1000)
+    assert [len(x) for x in held_out_slice(np.arange(1500) % 4, seed=0)] == [750, 750]
     assert held_out_slice(np.full(500, -1), seed=0) is None  # no labels
     assert held_out_slice(np.zeros(500, dtype=int), seed=0) is None  # one class
     assert held_out_slice(np.arange(19) % 2, seed=0) is None  # too few labelled
@@ -58,7 +61,7 @@ def test_verdict_equals_compare_on_the_same_slice(fake_mnist, tmp_path, caplog):
     assert lines == [verdict_line(rec)] and "\n" not in lines[0]
     ds = build_dataset("fashion-mnist:train", data_root=str(fake_mnist))
     gallery, queries = held_out_slice(ds.labels, seed=0)
-    assert (rec["n_gallery"], rec["n_queries"]) == (len(gallery), len(queries)) == (77, 19)
+    assert (rec["n_gallery"], rec["n_queries"]) == (len(gallery), len(queries)) == (48, 48)
     rows = compare_datasets(out, rows_of(ds, gallery), rows_of(ds, queries), k=rec["k"], tau=rec["tau"])
     top1 = {r["features"]: r["top1"] for r in rows}
     assert rec["knn_learned"] == top1["learned encoder (v)"]

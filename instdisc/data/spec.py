@@ -194,7 +194,8 @@ def _select_good(paths: PathTable, sel: np.ndarray, cached_bad: list[BadImage] |
     return keep
 
 
-def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, skip_bad_images) -> IndexedDataset:
+def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, skip_bad_images,
+           max_image_size: int = MAX_SIZE) -> IndexedDataset:
     if spec.kind == "folder":
         src = index_folder(spec.path, cache_dir=cache_dir)
         source, save = src.root, (lambda bad: save_folder_scan(src, bad))
@@ -207,7 +208,7 @@ def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, s
     sel = limit_indices(n, limit, spec_text)
     sel = _select_good(src.paths, sel, src.bad, limit is None, save, source, skip_bad_images)
     paths = src.paths if len(sel) == n else src.paths.subset(sel)
-    geo = infer_geometry(paths, image_size=image_size, channels=channels)
+    geo = infer_geometry(paths, image_size=image_size, channels=channels, max_size=max_image_size)
     log.info("image geometry of %s: %s", source, geo.reason)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if geo.channels == 3 else (GRAY_MEAN, GRAY_STD)
     ds = IndexedDataset(spec=spec_text, labels=src.labels[sel], classes=src.classes, channels=geo.channels,
@@ -219,7 +220,7 @@ def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, s
 
 def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limit: int | None = None,
                   skip_bad_images: bool = False, image_size: int | None = None, channels: int | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> IndexedDataset:
+                  cache_dir: str | os.PathLike | None = None, max_image_size: int | None = None) -> IndexedDataset:
     """Build the dataset named by ``spec`` (see the module docstring).
 
     data_root: folder holding a named dataset's files, or its parent (default ``/usr/share/datasets/<name>``).
@@ -233,6 +234,8 @@ def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limi
     channels: 1 or 3 for files (default inferred: 1 when every sampled image is grayscale); in-memory datasets
         keep their own.
     cache_dir: where folder indexes and bad-image scans are cached between runs.
+    max_image_size: files: the cap on an inferred size (default MAX_SIZE, 224; training on a CPU passes a lower one,
+        see instdisc.device.inferred_size_cap).
     """
     limit = _check_limit(limit)
     image_size = _check_image_size(image_size)
@@ -247,7 +250,8 @@ def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limi
 
         ds = open_cache(parsed.path, spec=spec_text, limit=limit, image_size=image_size, channels=channels)
     else:
-        ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images)
+        ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images,
+                    MAX_SIZE if max_image_size is None else int(max_image_size))
     log.info("dataset %s: %d samples, %d classes, %d channels, image size %d", ds.spec, len(ds), len(ds.classes),
              ds.channels, ds.image_size)
     return ds

@@ -249,6 +249,12 @@ class DistributedRun(SingleProcess):
         dist.all_reduce(t, op=op)
         return t.tolist()
 
+    def from_main(self, value):
+        """Rank 0's ``value`` on every rank (a --time plan: every rank stops at the same step)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def any_true(self, flag: bool) -> bool:
         """True on every rank when it is True on any (e.g. a stop signal that reached one process), or when any
         rank could not read an image (the loop then saves at this step boundary and calls ``raise_data_error``)."""

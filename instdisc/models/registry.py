@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import InstdiscError
 from .timm_encoder import TIMM_PREFIX, build_timm_encoder, timm_create_args  # timm itself: imported on use
 
-__all__ = ["ENCODERS", "register_encoder", "build_encoder", "list_encoders", "encoder_recipe"]
+__all__ = ["ENCODERS", "CONVNETS", "register_encoder", "build_encoder", "list_encoders", "encoder_recipe", "convnet_downsample",
+           "describe_downsample", "split_downsample", "MIN_MAP"]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -34,10 +35,71 @@ def list_encoders() -> list[str]:
     return sorted(ENCODERS)
 
 
+def split_downsample(arch: str) -> tuple[str, int | None]:
+    """``"convnet-s-pool2@1"`` -> ``("convnet-s-pool2", 1)``; a name without ``@D`` -> ``(name, None)``."""
+    if "@" not in arch or arch.startswith(TIMM_PREFIX):
+        return arch, None
+    name, _, d = arch.rpartition("@")
+    if not d.isdigit():
+        raise InstdiscError(f"--arch {arch}: after '@' comes the number of stride-2 layers, e.g. {name}@2")
+    return name, int(d)
+
+
+MIN_MAP = 4  # ConvNet encoders: a stride-2 layer is skipped when it would leave a map narrower than this
+
+
+def convnet_downsample(image_size: int, layers: int) -> int:
+    """Stride-2 layers a ConvNet with ``layers`` conv layers uses at ``image_size``: one after each conv but the
+    first, while the map stays at least ``MIN_MAP`` px (28 px: 14, 7, 4 -> all 3, as always; 16 px: 8, 4 -> 2;
+    8 px: 4 -> 1). Tiny images thus keep a spatial map of useful size instead of ending at 1 x 1."""
+    d, side = 0, image_size
+    while d < layers - 1 and (side + 1) // 2 >= MIN_MAP:
+        side = (side + 1) // 2
+        d += 1
+    return d
+
+
+def describe_downsample(arch: str, image_size: int) -> str | None:
+    """A line saying how a ConvNet encoder adapted to ``image_size`` (None when it uses every stride-2 layer or is
+    not a ConvNet), for the log and config.json."""
+    name, given = split_downsample(arch)
+    if name not in CONVNETS or given is not None:
+        return None
+    layers = len(CONVNET_WIDTHS[name])
+    d = convnet_downsample(image_size, layers)
+    if d == layers - 1:
+        return None
+    side = image_size
+    for _ in range(d):
+        side = (side + 1) // 2
+    return (f"encoder {name} at {image_size} px: {d} of its {layers - 1} stride-2 layers, so that the last map is "
+            f"{side}x{side} px (not {_final_side(image_size, layers - 1)}x{_final_side(image_size, layers - 1)}); "
+            f"--arch {name}@{layers - 1} keeps them all")
+
+
+def _final_side(side: int, d: int) -> int:
+    for _ in range(d):
+        side = (side + 1) // 2
+    return side
+
+
 def build_encoder(arch: str, *, in_channels: int = 3, image_size: int = 224) -> nn.Module:
     """Build encoder ``arch`` for ``in_channels``-channel images of side ``image_size``; it has ``feature_dim``.
 
-    ``arch`` is a registered name or ``timm:NAME`` (any timm model, ``num_classes=0``: its pooled pre-logits)."""
+    ``arch`` is a registered name or ``timm:NAME`` (any timm model, ``num_classes=0``: its pooled pre-logits). The
+    ConvNet encoders take ``NAME@D``: exactly D stride-2 layers, instead of as many as keep the last map at least
+    ``MIN_MAP`` pixels wide (see :func:`convnet_downsample`)."""
+    name, downsample = split_downsample(arch)
+    if in_channels not in (1, 3):
+        raise InstdiscError(f"in_channels must be 1 or 3, got {in_channels}")
+    if image_size < 8:
+        raise InstdiscError(f"image_size must be at least 8, got {image_size}")
+    if name in CONVNETS:
+        enc = CONVNETS[name](in_channels, image_size, downsample)
+        assert isinstance(getattr(enc, "feature_dim", None), int)
+        return enc
+    if downsample is not None:
+        raise InstdiscError(f"--arch {arch}: '@D' (stride-2 layers) is for the convnet encoders only")
     if arch not in ENCODERS and not arch.startswith(TIMM_PREFIX):
         close = difflib.get_close_matches(arch, ENCODERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -69,12 +131,17 @@ class ConvNet(nn.Module):
     ``grid`` x ``grid`` map, flattened (``grid=1``: global average pooling; ``grid=2`` keeps the coarse layout: for
     28 px images, the four quadrants of the last 4x4 map)."""
 
-    def __init__(self, widths: tuple[int, ...], in_channels: int, grid: int = 1):
+    def __init__(self, widths: tuple[int, ...], in_channels: int, grid: int = 1, downsample: int | None = None):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
+        d = len(widths) - 1 if downsample is None else downsample  # stride-2 layers: the first d after layer 0
+        if not 0 <= d <= len(widths) - 1:
+            raise InstdiscError(f"a convnet of {len(widths)} layers has 0 to {len(widths) - 1} stride-2 layers, "
+                                f"not {d}")
+        self.downsample = d
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            layers += [nn.Conv2d(c, w, 3, stride=2 if 1 <= i <= d else 1, padding=1, bias=False),
                        nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
         self.body = nn.Sequential(*layers)
@@ -106,24 +173,24 @@ class ResNetEncoder(nn.Module):
         return self.net(x)  # (B, feature_dim)
 
 
-@register_encoder("convnet-tiny")
-def _convnet_tiny(in_channels: int, image_size: int) -> nn.Module:
-    return ConvNet((8, 16), in_channels)
+# The ConvNet encoders: (widths, grid). Their stride-2 layers adapt to the image size (convnet_downsample).
+CONVNET_WIDTHS: dict[str, tuple[int, ...]] = {
+    "convnet-tiny": (8, 16), "convnet-s": (32, 64, 128, 256), "convnet-s-pool2": (32, 64, 128, 256),
+    "convnet-m": (64, 128, 256, 512)}
+_CONVNET_GRID = {"convnet-s-pool2": 2}
 
 
-@register_encoder("convnet-s")
-def _convnet_s(in_channels: int, image_size: int) -> nn.Module:
-    return ConvNet((32, 64, 128, 256), in_channels)
+def _convnet(name: str):
+    def build(in_channels: int, image_size: int, downsample: int | None = None) -> nn.Module:
+        widths = CONVNET_WIDTHS[name]
+        d = convnet_downsample(image_size, len(widths)) if downsample is None else downsample
+        return ConvNet(widths, in_channels, grid=_CONVNET_GRID.get(name, 1), downsample=d)
+    return build
 
 
-@register_encoder("convnet-s-pool2")
-def _convnet_s_pool2(in_channels: int, image_size: int) -> nn.Module:
-    return ConvNet((32, 64, 128, 256), in_channels, grid=2)
-
-
-@register_encoder("convnet-m")
-def _convnet_m(in_channels: int, image_size: int) -> nn.Module:
-    return ConvNet((64, 128, 256, 512), in_channels)
+CONVNETS: dict[str, Callable[..., nn.Module]] = {name: _convnet(name) for name in CONVNET_WIDTHS}
+for _name, _build in CONVNETS.items():
+    register_encoder(_name)(_build)
 
 
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):

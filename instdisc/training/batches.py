@@ -55,20 +55,24 @@ class Batches:
     image caches (``use_batch_aug``), PIL transforms in DataLoader workers for files."""
 
     def __init__(self, cfg, ds, device: torch.device, use_batch_aug: bool):
+        from .config import DEFAULT_BATCH, crop_min_for
+
         self.cfg, self.ds, self.device, self.use_batch_aug = cfg, ds, device, use_batch_aug
-        self.batch_size = cfg.batch_size  # this process's share of a step
-        self.steps_per_epoch = len(ds) // cfg.batch_size  # the remainder of a permutation is left out
+        # a run's config is resolved (TrainConfig.resolve_budget / resolve_for_images); a bare one takes the defaults
+        self.batch_size = cfg.batch_size or DEFAULT_BATCH  # this process's share of a step
+        self.steps_per_epoch = len(ds) // self.batch_size  # the remainder of a permutation is left out
+        crop_min = cfg.crop_min if cfg.crop_min is not None else crop_min_for(ds.image_size)
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment
-            self.aug = BatchAugment(ds, scale=(cfg.crop_min, 1.0))
+            self.aug = BatchAugment(ds, scale=(crop_min, 1.0))
             on_disk = getattr(ds, "memmapped", False)  # an image cache is read from its memmap, batch by batch
             self.array = ds.array.to(device) if device.type == "cuda" and not on_disk else ds.array
         else:
-            self.transform = train_transform(ds, scale=(cfg.crop_min, 1.0))
+            self.transform = train_transform(ds, scale=(crop_min, 1.0))
             if getattr(ds, "paths", None) is not None:  # JPEG draft: the smallest crop still has >= S source pixels
                 from ..data.images import DRAFT_MARGIN
 
-                self.ds = ds.with_draft(max(DRAFT_MARGIN, 1 / math.sqrt(cfg.crop_min)))
+                self.ds = ds.with_draft(max(DRAFT_MARGIN, 1 / math.sqrt(crop_min)))
 
     # ------------------------------------------------------------------ what sharding overrides
     def permutation(self, epoch: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..bank import BANK_DTYPES, DEFAULT_K, auto_k
@@ -14,7 +16,8 @@ from ..normaliser import Z_MODES
 from ..objective import LOSSES, NEGATIVES, POSITIVES
 from .schedule import SCHEDULES
 
-__all__ = ["TrainConfig", "RECIPES", "CHOICES", "DEFAULT_RECIPE"]
+__all__ = ["TrainConfig", "RECIPES", "CHOICES", "DEFAULT_RECIPE", "DEFAULT_EPOCHS", "DEFAULT_BATCH", "MIN_STEPS",
+           "SMALL_DATA_MIN_BATCH", "parse_duration"]
 
 # The allowed values of each setting that is a choice, each list spelled once (in the module that implements it);
 # the CLI's options and TrainConfig.validate both read them from here.
@@ -37,6 +40,49 @@ RECIPES: dict[str, dict] = {
 
 DEFAULT_RECIPE = "fast"  # what `instdisc train` and TrainConfig.from_recipe() use when no recipe is named
 
+# The training budget when --epochs / --batch-size / --steps / --time are not given (TrainConfig.resolve_budget):
+# 10 epochs of 256, but never fewer than MIN_STEPS optimiser steps: on small data the batch first shrinks (to no less
+# than SMALL_DATA_MIN_BATCH), then the epochs grow. Measured: 8,000 28 px images at 256 x 10 epochs (310 steps) end
+# below raw pixels, at 64 x 10 (1,250 steps) above them (docs/small-data.md).
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH = 256
+SMALL_DATA_MIN_BATCH = 64
+MIN_STEPS = 1500
+
+CROP_MIN = 0.2  # InstDisc's RandomResizedCrop scale (0.2, 1)
+TINY_SIDE = 24  # images under this side get a larger smallest crop (crop_min_for)
+
+
+def crop_min_for(image_size: int) -> float:
+    """The smallest crop area fraction for ``image_size`` px images: 0.2 (InstDisc) from 24 px up; below, 0.2 x
+    24 / size, at most 0.6 (16 px: 0.3, 12 px: 0.4, 8 px: 0.6), so that the smallest crop keeps about as many
+    pixels across as at 24 px (sqrt(0.2 x 24 x 24) ~ 11 px) instead of a few."""
+    if image_size >= TINY_SIDE:
+        return CROP_MIN
+    return round(min(0.6, CROP_MIN * TINY_SIDE / image_size), 2)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
+
+
+def parse_duration(text) -> float:
+    """Seconds of a duration written ``90s``, ``10m``, ``1h30m``, ``1.5h`` or a bare number of seconds; InstdiscError
+    naming the problem otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        t = str(text).strip().replace(" ", "")
+        try:
+            seconds = float(t)
+        except ValueError:
+            parts = _DURATION.findall(t)
+            if not parts or "".join(a + u for a, u in parts).lower() != t.lower():
+                raise InstdiscError(f"--time must be a duration such as 90s, 10m or 1h30m, got {text!r}") from None
+            seconds = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for a, u in parts)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise InstdiscError(f"--time must be a positive duration, got {text!r}")
+    return seconds
+
 
 @dataclass
 class TrainConfig:
@@ -52,8 +98,10 @@ class TrainConfig:
     init_weights: str | None = None    # start the encoder from this local file (state dict, .safetensors, export)
     head: str = "mlp"
     low_dim: int = 128
-    epochs: int = 10
-    batch_size: int = 256
+    epochs: int | None = None          # None: DEFAULT_EPOCHS, more on small data (resolve_budget)
+    batch_size: int | None = None      # None: DEFAULT_BATCH, less on small data (resolve_budget)
+    steps: int | None = None           # optimiser steps in all (instead of whole epochs); --time sets it
+    time: float | None = None          # seconds: fit the steps to this budget after measuring the speed
     lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -79,7 +127,8 @@ class TrainConfig:
     bank_dtype: str = "float32"        # float32 | float16 | bfloat16
     bank_init: str = "encoder"         # random | encoder (eval-transform embeddings of the untrained model)
     augment: str = "auto"              # auto | batch | pil
-    crop_min: float = 0.2              # RandomResizedCrop keeps a fraction in [crop_min, 1] of the image area
+    crop_min: float | None = None      # RandomResizedCrop keeps a fraction in [crop_min, 1] of the image area
+    #                                    (None: 0.2, more for images under 24 px: crop_min_for)
     device: str = "auto"               # auto | cpu | cuda
     amp: bool = True                   # bf16 autocast of encoder + head on CUDA and on CPUs with native bf16
     seed: int = 0
@@ -160,10 +209,18 @@ class TrainConfig:
             bad(f"--neighbour-start must be >= 0, got {self.neighbour_start}")
         if self.neighbour_every < 1:
             bad(f"--neighbour-every must be >= 1, got {self.neighbour_every}")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             bad(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
+        if self.batch_size is not None and self.batch_size < 2:
             bad(f"--batch-size must be >= 2, got {self.batch_size}")
+        if self.steps is not None and self.steps < 1:
+            bad(f"--steps must be >= 1, got {self.steps}")
+        if self.time is not None:
+            self.time = parse_duration(self.time)
+        given = [name for name, v in (("--epochs", self.epochs), ("--steps", self.steps), ("--time", self.time))
+                 if v is not None]
+        if len(given) > 1:
+            bad(f"give one of --epochs, --steps and --time, not {' and '.join(given)}: each sets the length of the run")
         if not self.lr > 0:
             bad(f"--lr must be > 0, got {self.lr}")
         if self.low_dim < 1:
@@ -176,8 +233,13 @@ class TrainConfig:
             bad(f"--bank-weight must be in (0, 1], got {self.bank_weight}")
         if self.in_batch and self.views != 2:
             bad("in-batch negatives need two views per image")
-        if not 0 < self.crop_min <= 1:
+        if self.crop_min is not None and not 0 < self.crop_min <= 1:
             bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
+        from ..models.registry import ENCODERS, TIMM_PREFIX, split_downsample
+
+        arch_name = split_downsample(self.arch)[0]
+        if not arch_name.startswith(TIMM_PREFIX) and arch_name not in ENCODERS:
+            bad(f"unknown arch {self.arch!r}; choose one of: {', '.join(sorted(ENCODERS))}, or timm:NAME")
         if self.init_weights is not None and not os.path.exists(self.init_weights):
             bad(f"--init-weights {self.init_weights}: no such file or folder")
         if self.workers < 0:
@@ -218,9 +280,51 @@ class TrainConfig:
             return f"bank negatives K = {self.nce_k} ({why}; set --nce-k to choose)"
         return None
 
+    def resolve_for_images(self, image_size: int) -> str | None:
+        """Fill in the crop scale when it was not given (:func:`crop_min_for`); returns a line when it differs from
+        InstDisc's 0.2, else None."""
+        if self.crop_min is not None:
+            return None
+        self.crop_min = crop_min_for(image_size)
+        if self.crop_min == CROP_MIN:
+            return None
+        return (f"crop scale [{self.crop_min:g}, 1] instead of [{CROP_MIN:g}, 1] for {image_size} px images, so that "
+                f"a crop keeps enough pixels to stay recognisable (set --crop-min to choose)")
+
+    def resolve_budget(self, n_data: int) -> str:
+        """Fill in the batch size and the epochs that were not given (see DEFAULT_EPOCHS .. MIN_STEPS); returns the
+        line that says what was chosen and why (logged, and recorded in config.json as ``budget``)."""
+        why = []
+        epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+        wants_min = self.epochs is None and self.steps is None and self.time is None
+        if self.batch_size is None:
+            b = DEFAULT_BATCH
+            while b > SMALL_DATA_MIN_BATCH and (n_data // b) * epochs < MIN_STEPS:
+                b //= 2
+            while b > 2 and b > n_data // 2:  # at least two steps an epoch
+                b //= 2
+            if b != DEFAULT_BATCH:
+                why.append(f"batch {b} instead of {DEFAULT_BATCH} on {n_data} images")
+            self.batch_size = b
+        spe = max(1, n_data // self.batch_size)
+        if self.time is None and self.steps is None and self.epochs is None:
+            if wants_min and spe * epochs < MIN_STEPS:
+                epochs = math.ceil(MIN_STEPS / spe)
+                why.append(f"{epochs} epochs instead of {DEFAULT_EPOCHS}")
+            self.epochs = epochs
+        if self.time is not None:
+            return (f"training budget: --time {self.time:g}s, the steps are fitted once the speed is measured "
+                    f"(batch {self.batch_size}, {spe} steps an epoch)")
+        total = self.steps if self.steps is not None else spe * self.epochs
+        text = f"training budget: batch {self.batch_size}, {total} steps ({math.ceil(total / spe)} epochs of {spe})"
+        if why:
+            text += (f"; {' and '.join(why)} so that small data gets at least {MIN_STEPS} optimiser steps (set "
+                     f"--batch-size, --epochs, --steps or --time to choose)")
+        return text
+
     def validate_for_data(self, n_data: int) -> None:
         """Checks that need the dataset size (after :meth:`resolve_for_data`)."""
-        if self.batch_size > n_data:
+        if self.batch_size is not None and self.batch_size > n_data:
             raise InstdiscError(f"--batch-size ({self.batch_size}) is larger than the dataset ({n_data} images)")
         if self.loss != "softmax" and self.nce_k >= n_data:
             raise InstdiscError(f"--nce-k ({self.nce_k}) must be smaller than the number of images ({n_data})")

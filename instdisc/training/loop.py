@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_text, check_free_space, check_writable_dir, remove_stale_temps
 from ..bank_neighbours import cluster_purity, label_agreement
 from ..data import build_dataset
-from ..device import resolve_device
+from ..data.in_memory import IN_MEMORY_MAX_BYTES, decode_into_memory, decoded_bytes, fits_in_memory
+from ..device import SIZE_CAP, inferred_size_cap, resolve_device
+from ..models.registry import describe_downsample
 from ..errors import InstdiscError
 from ..faultpoints import fault_point
 from ..method import InstDiscModel
@@ -39,8 +41,9 @@ from ..models.init_weights import load_init_weights
 from ..seeding import Stream, get_rng_state, mix_seed, seed_everything, set_rng_state
 from ..version import __version__
 from .batches import DataError, data_error_message, guarded
+from .budget import TimeBudget
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import DEFAULT_EPOCHS, TrainConfig
 from .health import HealthProbe, health_warnings
 from .precision import as_channels_last, autocast, resolve_amp, use_channels_last
 from .progress import MetricsWriter, Progress, format_eta
@@ -53,8 +56,8 @@ __all__ = ["train", "train_one_epoch", "TrainResult", "TrainingDiverged"]
 log = logging.getLogger("instdisc.training")
 
 # Settings that may differ between a run and its resume (they do not change what is computed on CPU).
-_RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "knn_every", "knn_data",
-                      "data_root", "tensorboard", "verdict"}
+_RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "steps", "time", "knn_every",
+                      "knn_data", "data_root", "tensorboard", "verdict"}
 
 
 # Step statistics of the objective whose epoch means go into the epoch record (see Objective.forward).
@@ -209,6 +212,25 @@ class _Run:
     step_stats: dict = field(default_factory=dict)  # (stat) -> the current epoch's values so far
     history: list = field(default_factory=list)  # the epoch records so far
     last_loss: float = float("nan")
+    budget: TimeBudget | None = None  # --time: the step plan
+    budget_line: str = ""  # how the batch size and the length of the run were chosen (config.json "budget")
+    steps_run: int = 0  # steps this process ran (a --time budget's warm-up counts them)
+    pil_path: bool = False  # files through the per-sample PIL path: the first epoch end says what prepare gives
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: --time's plan, --steps, or whole epochs (before a --time plan is made:
+        DEFAULT_EPOCHS' worth, a provisional length for the learning-rate schedule)."""
+        if self.budget is not None and self.budget.plan is not None:
+            return self.budget.plan
+        if self.cfg.steps is not None:
+            return self.cfg.steps
+        return self.steps_per_epoch * (self.cfg.epochs if self.cfg.epochs is not None else DEFAULT_EPOCHS)
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs the run passes through (the last one may stop part-way: --steps, --time)."""
+        return max(1, math.ceil(self.total_steps / self.steps_per_epoch))
 
     @property
     def device(self) -> torch.device:
@@ -233,6 +255,7 @@ class _Run:
                 "data": self.data_info, "epoch_losses": list(losses),
                 "epoch_stats": {k: list(v) for k, v in (stats or {}).items()},
                 "metrics_bytes": self.metrics.path.stat().st_size if self.metrics.path.exists() else 0,
+                **({"time_budget": self.budget.state()} if self.budget is not None else {}),
                 **self.strategy.run_info(self.cfg)})
         self.strategy.after_checkpoint()
 
@@ -246,16 +269,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
     and file-list datasets (default ``cfg.out/.index-cache``). Launched by torchrun with WORLD_SIZE > 1, the run is
     distributed over the processes, with a sharded memory bank (see :mod:`instdisc.distributed`).
     """
+    t_call = time.perf_counter()  # a --time budget counts from here
     cfg.validate()
     strategy = _strategy_for(cfg)
     try:
-        run = _start(cfg, strategy, resume, dataset, index_cache)
+        run = _start(cfg, strategy, resume, dataset, index_cache, t_call)
         return _fit(run, stop_flag or _StopFlag())
     finally:
         strategy.close()
 
 
-def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache) -> _Run:
+def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_call: float | None = None) -> _Run:
     """Build the data, the model and the optimizer, check everything, then start the run or load its checkpoint."""
     device = strategy.device
     run_existed = Path(cfg.out).is_dir()  # before the index cache (default OUT/.index-cache) can create it
@@ -269,12 +293,24 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache) -> _R
     with strategy.local_main_first():  # one lister per node
         ds = dataset if dataset is not None else build_dataset(
             cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
-            image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir)
+            image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir,
+            max_image_size=inferred_size_cap(device))
+    if strategy.is_main and "capped at" in ((getattr(ds, "geometry", None) or {}).get("reason") or ""):
+        log.info("the inferred image size is capped at %d on %s (%s); --image-size chooses another",
+                 inferred_size_cap(device), device.type, ", ".join(f"{k} {v}" for k, v in SIZE_CAP.items()))
     n = len(ds)
     chosen = cfg.resolve_for_data(n)
     if chosen and strategy.is_main:
         log.info("%s", chosen)
+    budget_line = cfg.resolve_budget(n)
+    crop_line = cfg.resolve_for_images(ds.image_size)
+    arch_line = describe_downsample(cfg.arch, ds.image_size)
+    if strategy.is_main:
+        for line in (budget_line, crop_line, arch_line):
+            if line:
+                log.info("%s", line)
     cfg.validate_for_data(n)
+    ds = _in_memory(ds, cfg, strategy.is_main)  # after the checks: decoding may take a while
     use_batch_aug = cfg.augment == "batch" or (cfg.augment == "auto" and getattr(ds, "array", None) is not None)
     if use_batch_aug and getattr(ds, "array", None) is None:
         raise InstdiscError(f"--augment batch needs an in-memory dataset; {cfg.data} is read from files (use pil)")
@@ -312,15 +348,37 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache) -> _R
                MetricsWriter.for_run(out, cfg, main=strategy.is_main), knn_monitor,
                HealthProbe(ds, cfg.seed, crop_min=cfg.crop_min, device=device), data_info,
                resolve_amp(cfg.amp, device), out)  # amp: bf16 autocast of encoder + head (CUDA; CPUs with bf16)
+    run.budget_line = budget_line
+    run.pil_path = not use_batch_aug
+    if cfg.time is not None:  # a resumed run keeps its plan and the seconds it had spent
+        saved = (ckpt or {}).get("time_budget") or {}
+        spent = float(saved.get("spent", 0.0)) + time.perf_counter() - (t_call or time.perf_counter())
+        run.budget = TimeBudget(cfg.time, spent=spent, plan=saved.get("plan"))
+        run.budget.hard_stop = strategy.world == 1  # a stop decided by one process's clock would split the ranks
     if ckpt is not None:
         _load(run, ckpt)
     else:
         _begin(run, use_batch_aug)
     run.history = _epoch_history(run.metrics.path)  # earlier epochs' records (a resumed run's warnings see them)
-    log.info("training %s on %d images (%s), %d epochs x %d steps, batch %d, device %s, augment %s, %s",
-             cfg.arch, n, cfg.data, cfg.epochs, run.steps_per_epoch, cfg.batch_size, device,
+    length = (f"{run.total_steps} steps ({run.n_epochs} epochs of {run.steps_per_epoch})"
+              if run.budget is None or run.budget.plan else f"steps fitted to --time ({run.steps_per_epoch} an epoch)")
+    log.info("training %s on %d images (%s), %s, batch %d, device %s, augment %s, %s",
+             cfg.arch, n, cfg.data, length, cfg.batch_size, device,
              "batch" if use_batch_aug else "pil", "bf16 autocast" if run.amp else "float32")
     return run
+
+
+def _in_memory(ds, cfg: TrainConfig, is_main: bool):
+    """A file dataset that fits in memory (instdisc.data.in_memory) is decoded once and trained through BatchAugment,
+    unless --augment pil asks for the per-sample path; a larger one keeps the PIL path (said once)."""
+    if ds.paths is None or cfg.augment == "pil":
+        return ds
+    if fits_in_memory(ds):
+        return decode_into_memory(ds)
+    if is_main:
+        log.info("%d files take the per-sample PIL path: decoded they would take %.1f GiB, over the in-memory bound "
+                 "of %d MiB", len(ds), decoded_bytes(ds) / 2**30, IN_MEMORY_MAX_BYTES >> 20)
+    return ds
 
 
 def _load(run: _Run, ckpt: dict) -> None:
@@ -350,6 +408,8 @@ def _begin(run: _Run, use_batch_aug: bool) -> None:
     resolved.update(instdisc_version=__version__, git_commit=_git_commit(), device_resolved=str(run.device),
                     augment_resolved="batch" if use_batch_aug else "pil", amp_resolved=run.amp,
                     dataset=run.data_info, steps_per_epoch=run.steps_per_epoch, torch_version=torch.__version__,
+                    budget=run.budget_line, encoder_adapted=describe_downsample(cfg.arch, run.ds.image_size),
+                    data_in_memory=getattr(run.ds, "decoded_from", None) == "files",
                     **strategy.run_info(cfg))
     if cfg.init_weights:  # the encoder starts from the file (each process alike); the bank below is built from it
         resolved["init_weights_loaded"] = load_init_weights(run.model.encoder, cfg.init_weights)  # path, SHA-256
@@ -365,16 +425,16 @@ def _begin(run: _Run, use_batch_aug: bool) -> None:
 
 
 def _fit(run: _Run, stop: _StopFlag) -> TrainResult:
-    """Epochs until ``cfg.epochs`` or a stop request."""
+    """Epochs until the run's steps are done (:attr:`_Run.total_steps`) or a stop request."""
     cfg = run.cfg
-    progress = Progress(run.steps_per_epoch * cfg.epochs, cfg.batch_size, run.global_step)
+    progress = Progress(run.total_steps, cfg.batch_size, run.global_step)
     interrupted = False
     run.model.train()
     with stop.installed():
-        while run.epoch < cfg.epochs:
+        while run.epoch < run.n_epochs and run.global_step < run.total_steps:
             t_epoch = time.perf_counter()
             done = train_one_epoch(run, stop, progress)
-            if done < run.steps_per_epoch:  # stopped at a step boundary: saved, now return
+            if done < run.steps_per_epoch and run.global_step < run.total_steps:  # a stop request: save, return
                 interrupted = True
                 run.checkpoint(run.epoch, done, run.losses, run.step_stats)
                 run.strategy.raise_pending_data_error(done)  # an image became unreadable in some process
@@ -412,8 +472,10 @@ def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
                                                  stopping), start=run.start):
         if strategy.any_true(stopping()):
             return s_idx
-        lr = lr_at(run.global_step, spe, base_lr=cfg.lr, epochs=cfg.epochs, schedule=cfg.schedule,
-                   warmup_epochs=cfg.warmup_epochs, lr_steps=cfg.lr_steps)
+        if run.global_step >= run.total_steps:  # the run's last step was in this epoch (--steps, --time)
+            return s_idx
+        lr = lr_at(run.global_step, spe, base_lr=cfg.lr, epochs=run.n_epochs, schedule=cfg.schedule,
+                   warmup_epochs=cfg.warmup_epochs, lr_steps=cfg.lr_steps, total_steps=run.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = idx.to(device)
@@ -430,7 +492,10 @@ def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
         optimizer.step()
         model.objective.update(idx, z_update)
         run.global_step += 1
+        run.steps_run += 1
         run.last_loss = loss_value
+        if run.budget is not None:
+            _after_step_budget(run, progress, run.steps_run)
         losses.append(loss_value)
         for key in _EPOCH_MEANS:
             if key in stats:
@@ -438,13 +503,32 @@ def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
         if run.global_step % cfg.log_every == 0 or s_idx + 1 == spe:
             sps, ips, eta = progress.rates(run.global_step)
             log.info("epoch %d/%d step %d/%d loss %.4f lr %.4f %.2f steps/s %.0f img/s ETA %s",
-                     epoch + 1, cfg.epochs, s_idx + 1, spe, loss_value, lr, sps, ips, format_eta(eta))
+                     epoch + 1, run.n_epochs, s_idx + 1, spe, loss_value, lr, sps, ips, format_eta(eta))
             run.metrics.write({"type": "step", "epoch": epoch + 1, "step": s_idx + 1, "global_step": run.global_step,
                                "lr": lr, "steps_per_s": sps, "images_per_s": ips, "eta_s": eta, **stats})
         fault_point("train.step", index=run.global_step)  # test-only: kill (or slow) after step, before its save
         if cfg.save_every and run.global_step % cfg.save_every == 0 and s_idx + 1 < spe:
             run.checkpoint(epoch, s_idx + 1, losses, step_stats)
+        if run.global_step >= run.total_steps:
+            return s_idx + 1
     return spe
+
+
+def _after_step_budget(run: _Run, progress: Progress, ran: int) -> None:
+    """--time: make the step plan once the speed is measured (logged, and a ``plan`` record in metrics.jsonl)."""
+    before = run.budget.plan
+    if run.budget.after_step(run.global_step, ran) is not None:  # the plan: the same step in every process
+        run.budget.plan = run.strategy.from_main(run.budget.plan)
+        _record_plan(run, progress, "measured" if before is None else "budget spent: stopped before the plan's end")
+
+
+def _record_plan(run: _Run, progress: Progress, why: str) -> None:
+    progress.total_steps = run.total_steps
+    b = run.budget
+    log.info("%s (%s at step %d)", b.describe(), why, run.global_step)
+    run.metrics.write({"type": "plan", "global_step": run.global_step, "steps": b.plan, "epochs": run.n_epochs,
+                       "budget_s": b.seconds, "spent_s": b.spent(), "seconds_per_step": b.seconds_per_step,
+                       "why": why})
 
 
 def _end_epoch(run: _Run, seconds: float) -> None:
@@ -466,16 +550,29 @@ def _end_epoch(run: _Run, seconds: float) -> None:
         else record.get("inbatch_sim", float("nan")))
     if neighbours_due(cfg, epoch):  # before the checkpoint, which holds the new table
         record.update(_refresh_neighbours(run, epoch))
-    if run.knn_monitor is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
+    if run.knn_monitor is not None and (epoch % cfg.knn_every == 0 or epoch == run.n_epochs):
         record.update(run.knn_monitor(run.model))
         log.info("epoch %d kNN (bank, k=%d) top1 %.2f%%", epoch, cfg.knn_k, 100 * record["knn_top1"])
     run.metrics.write(record)  # before the checkpoint, which records the metrics file's length
     run.losses, run.step_stats = [], {}
+    if run.budget is not None and run.budget.replan and run.budget.plan is not None:  # saved with the checkpoint
+        old = run.budget.plan
+        run.budget.at_epoch_end(run.global_step)
+        run.budget.plan = run.strategy.from_main(run.budget.plan)  # every process stops at the same step
+        if run.budget.plan != old:
+            _record_plan(run, Progress(run.total_steps, cfg.batch_size, run.global_step), "re-measured at an epoch end")
     run.checkpoint(epoch, 0, [])
     log.info("epoch %d/%d done in %.1fs, mean loss %.4f, pos/neg gap %.3f, staleness %.3f, uniformity %.2f, "
-             "z_std %.4f", epoch, cfg.epochs, record["seconds"], record["loss"], record["gap"],
+             "z_std %.4f", epoch, run.n_epochs, record["seconds"], record["loss"], record["gap"],
              *(record.get(k, float("nan")) for k in ("staleness", "uniformity", "z_std")))
     run.history.append(record)
+    if run.pil_path and run.strategy.is_main:  # once: the measured rate, and what prepare would give
+        run.pil_path = False
+        rate = (run.global_step - (epoch - 1) * spe) * cfg.batch_size * cfg.views / max(seconds, 1e-9)
+        log.warning("the per-sample PIL path trained %.0f view-images/s this epoch; `instdisc prepare %s --out "
+                    "data.h5` decodes the files once, and `instdisc train cache:data.h5 ...` then trains through "
+                    "BatchAugment (8,000 PNGs of 28 px on 2 CPU cores: ~275 images/s via PIL, ~1,600 from memory; "
+                    "docs/large-collections.md)", rate, cfg.data)
     for text in health_warnings(run.history, cfg.low_dim):
         log.warning("epoch %d: %s", epoch, text)
 

@@ -119,6 +119,10 @@ class SingleProcess:
         """Whether any process says ``flag`` (a stop request)."""
         return flag
 
+    def from_main(self, value):
+        """The main process's ``value`` (one process: ``value``; a collective in a distributed run)."""
+        return value
+
     def mean(self, value: float) -> float:
         """The mean over processes of a step's scalar (the loss of the global batch)."""
         return value

@@ -4,9 +4,10 @@ With labels (on all or part of the data): weighted kNN top-1 (k = 200, or the ga
 exp(s / 0.07), cosine: the protocol of ``instdisc compare``, through its code, :func:`instdisc.compare.knn_rows`)
 of three feature sets on a fixed held-out slice of the training data: ``knn_learned`` (the run's encoder v), ``knn_untrained`` (the same encoder
 before its first step: same arch and seed) and ``knn_raw`` (the pixels in [0, 1]). The slice is drawn from the
-run's seed (:data:`Stream.VERDICT`): Q = min(1000, L / 5) labelled images as queries, the next
-min(4000, L - Q) labelled images as the gallery (L: labelled images), so its cost is bounded whatever the dataset's
-size (two forward passes over at most 5000 images).
+run's seed (:data:`Stream.VERDICT`): Q = min(1000, L / 5) labelled images as queries (L / 2 when L <= 5000: on
+small data a fifth is too few queries to tell a few points apart), the next min(4000, L - Q) labelled images as the
+gallery (L: labelled images), so its cost is bounded whatever the dataset's size (two forward passes over at most
+5000 images).
 
 Without labels: the health signals (instdisc.training.health) of the learned and the untrained embedding on the
 run's health probe: alignment, uniformity and the positive/negative gap (mean cosine of two views of the same
@@ -44,6 +45,7 @@ NOT_RAW = "did not beat raw pixels"
 MAX_QUERIES = 1000  # held-out queries of the slice
 MAX_GALLERY = 4000  # gallery of the slice
 MIN_LABELLED = 20  # fewer labelled images: the verdict uses the health signals
+SMALL_LABELLED = 5000  # up to this many labelled images, half are queries (more queries: a smaller margin)
 VERDICT_K, VERDICT_TAU = 200, 0.07  # instdisc compare's defaults
 MIN_MARGIN = 0.005  # half a point of kNN accuracy
 GAP_MARGIN = 0.05  # without labels: the positive/negative gap must grow by this much
@@ -66,7 +68,7 @@ def held_out_slice(labels, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     g = torch.Generator().manual_seed(mix_seed(int(seed), Stream.VERDICT))
     order = labelled[torch.randperm(len(labelled), generator=g).numpy()]  # (L,)
-    q = min(MAX_QUERIES, len(labelled) // 5)
+    q = min(MAX_QUERIES, len(labelled) // 5 if len(labelled) > SMALL_LABELLED else len(labelled) // 2)
     return np.sort(order[q:q + MAX_GALLERY]), np.sort(order[:q])
 
 

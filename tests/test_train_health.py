@@ -153,3 +153,10 @@ def test_warning_not_on_the_demos_first_epochs():
                                                              (0.01, -0.03))]
     said = [any("discriminate" in t for t in health_warnings(failing[:i], 128)) for i in range(1, 6)]
     assert said == [False, False, False, True, False]  # epochs 2, 3, 4 in a row: once, at epoch 4
+
+
+def test_probe_size_is_a_quarter_of_small_data_within_bounds():
+    from instdisc.training.health import MIN_PROBE, PROBE_SIZE, probe_size
+
+    assert [probe_size(n) for n in (10, 256, 300, 1000, 2000, 4096, 60000)] == [10, 256, 256, 256, 500, 1024, 1024]
+    assert probe_size(10**7) == PROBE_SIZE and probe_size(MIN_PROBE) == MIN_PROBE

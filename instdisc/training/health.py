@@ -32,10 +32,18 @@ from ..data.transforms import eval_transform, train_transform
 from ..features import eval_mode
 from ..seeding import Stream, mix_seed
 
-__all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY",
+__all__ = ["HealthProbe", "health_warnings", "PROBE_SIZE", "MIN_PROBE", "probe_size", "COLLAPSE_Z_STD", "COLLAPSE_UNIFORMITY",
            "NO_DISCRIMINATION_GAP", "NO_DISCRIMINATION_UNIFORMITY", "NO_DISCRIMINATION_EPOCHS"]
 
-PROBE_SIZE = 1024  # images in the probe (fewer when the dataset is smaller)
+PROBE_SIZE = 1024  # images in the probe (fewer when the dataset is smaller: probe_size)
+MIN_PROBE = 256
+
+
+def probe_size(n: int) -> int:
+    """P for a dataset of ``n`` images: a quarter of it, between MIN_PROBE and PROBE_SIZE (all of it up to 256).
+    Three eval passes over P images cost about half an epoch's training when P = N; on small data, whose epochs are
+    short, a probe of N / 4 keeps the epoch ends cheap (Fashion-MNIST 1k: 0.9 s an epoch end before, 100 of them)."""
+    return min(n, PROBE_SIZE, max(MIN_PROBE, n // 4))
 COLLAPSE_Z_STD = 0.25  # warn when z_std falls below this fraction of 1/sqrt(D)
 COLLAPSE_UNIFORMITY = -0.5  # ... or uniformity rises above this (uniform on the sphere: about -3.9 at D = 128)
 NO_DISCRIMINATION_GAP = 0.05  # an epoch does not discriminate: its positive/negative gap is below this
@@ -65,7 +73,7 @@ class HealthProbe:
     Args:
         ds: the training dataset (in-memory ``array`` or files with ``load_image``).
         seed: the run's seed (the probe's slots and augmentations derive from it).
-        slots: (P,) slots to probe; default: PROBE_SIZE drawn without replacement.
+        slots: (P,) slots to probe; default: probe_size(N) drawn without replacement.
         crop_min: the run's smallest crop fraction (for the two augmented views of ``alignment``).
     """
 
@@ -74,7 +82,7 @@ class HealthProbe:
         self.ds, self.seed, self.device = ds, int(seed), torch.device(device)
         if slots is None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, Stream.PROBE))
-            slots = torch.randperm(len(ds), generator=g)[: min(PROBE_SIZE, len(ds))].sort().values  # (P,)
+            slots = torch.randperm(len(ds), generator=g)[: probe_size(len(ds))].sort().values  # (P,)
         self.slots = slots.to(torch.int64)
         self.array = getattr(ds, "array", None)
         if self.array is not None:

@@ -20,27 +20,23 @@ variant that computes something else shows. Prints a table and writes JSON with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import _machine
 import torch
 
-from instdisc.method import build_seeded_model
-from instdisc.training import TrainConfig
+from bench_roofline import FULL, demo_model
 from instdisc.training.precision import as_channels_last, autocast, resolve_amp, use_channels_last
 
 VARIANTS = ("eager", "contiguous", "compile", "compile-max", "no-mkldnn")
 
 
 def _model(channels_last: bool, batch_size: int = 256):
-    cfg = TrainConfig.from_recipe("fast", batch_size=batch_size)
-    cfg.resolve_for_data(60000)
-    cfg.resolve_budget(60000)
-    model = build_seeded_model(cfg, n_data=60000, in_channels=1, image_size=28)
-    if channels_last:
-        use_channels_last(model)
-    return model.train()
+    """bench_roofline's demo model (the same seeded weights for every variant), channels-last as training has it."""
+    model = demo_model(dataclasses.replace(FULL, batch_size=batch_size))[1]
+    return use_channels_last(model) if channels_last else model
 
 
 class Variant:

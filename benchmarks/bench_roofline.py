@@ -46,7 +46,7 @@ from instdisc.training.precision import as_channels_last, autocast, cpu_has_nati
     use_channels_last
 
 __all__ = ["Sizes", "FULL", "QUICK", "matmul_flops", "conv2d_flops", "count_flops", "times_ms", "time_ms",
-           "dense_limits", "TrainingStep", "step_parts", "profile_ops", "run", "format_tables", "main"]
+           "dense_limits", "demo_model", "TrainingStep", "step_parts", "profile_ops", "run", "format_tables", "main"]
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
@@ -169,18 +169,25 @@ def limit(limits: list[dict], op: str, dtype: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- 2. the step
+def demo_model(sizes: Sizes = FULL):
+    """(config, model) of the demo step as training builds them: the fast recipe resolved for ``sizes`` (K, budget,
+    crop), the seeded model in train mode, parameters in their default layout."""
+    n, size = sizes.n_data, sizes.image_size
+    cfg = TrainConfig.from_recipe("fast", arch=sizes.arch, batch_size=sizes.batch_size)
+    cfg.resolve_for_data(n)
+    cfg.resolve_budget(n)
+    cfg.resolve_for_images(size)
+    cfg.validate_for_data(n)
+    return cfg, build_seeded_model(cfg, n_data=n, in_channels=sizes.channels, image_size=size).train()
+
+
 class TrainingStep:
     """The demo model and its step on synthetic views, built and run as instdisc.training.loop builds and runs them."""
 
     def __init__(self, device: torch.device, sizes: Sizes = FULL):
         n, size = sizes.n_data, sizes.image_size
-        cfg = TrainConfig.from_recipe("fast", arch=sizes.arch, batch_size=sizes.batch_size)
-        cfg.resolve_for_data(n)
-        cfg.resolve_budget(n)
-        cfg.resolve_for_images(size)
-        cfg.validate_for_data(n)
-        model = build_seeded_model(cfg, n_data=n, in_channels=sizes.channels, image_size=size)
-        use_channels_last(model.to(device)).train()
+        cfg, model = demo_model(sizes)
+        use_channels_last(model.to(device))
         self.cfg, self.model, self.device = cfg, model, device
         self.amp = resolve_amp(cfg.amp, device)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -38,6 +38,7 @@ class Geometry:
     channels: int
     reason: str  # one line: what was chosen and why
     sampled: int  # headers read (0 when both values were given)
+    capped: bool = False  # the size was inferred and the images' median side was over max_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,16 +85,17 @@ def infer_geometry(paths: Sequence[str], *, image_size: int | None = None, chann
         parts.append(f"{channels} channel{'s' if channels > 1 else ''} ({gray} of {read} sampled images grayscale)")
     else:
         parts.append(f"{channels} channel(s) as given")
+    capped = False
     if image_size is None:
         if sides:
             median = int(np.median(np.asarray(sides)))
             image_size = int(min(max_size, max(MIN_SIZE, median)))
-            cap = f", capped at {max_size}" if median > max_size else (f", raised to {MIN_SIZE}"
-                                                                        if median < MIN_SIZE else "")
+            capped = median > max_size
+            cap = f", capped at {max_size}" if capped else (f", raised to {MIN_SIZE}" if median < MIN_SIZE else "")
             parts.append(f"size {image_size} (median short side {median} px of {read} sampled images{cap})")
         else:
             image_size = max_size
             parts.append(f"size {image_size} (no sampled image could be read)")
     else:
         parts.append(f"size {image_size} as given")
-    return Geometry(int(image_size), int(channels), ", ".join(parts), read)
+    return Geometry(int(image_size), int(channels), ", ".join(parts), read, capped)

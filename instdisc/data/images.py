@@ -25,8 +25,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InstdiscError
 
-__all__ = ["IMG_EXTENSIONS", "BadImage", "is_image_name", "open_image", "check_image", "find_bad_images", "draft_for",
-           "resize_short_side", "decode_square", "DRAFT_MARGIN", "RESIZE_RULE"]
+__all__ = ["IMG_EXTENSIONS", "BadImage", "is_image_name", "open_image", "check_image", "find_bad_images", "io_threads",
+           "draft_for", "resize_short_side", "decode_square", "DRAFT_MARGIN", "RESIZE_RULE"]
 
 # A JPEG may be decoded at reduced scale while its short side stays >= DRAFT_MARGIN x the size finally needed.
 DRAFT_MARGIN = 1.4
@@ -162,11 +162,16 @@ def check_image(path: str) -> str | None:
     return None
 
 
+def io_threads() -> int:
+    """Threads for reading or decoding many files: twice the cores (PIL and reads release the GIL), at most 8."""
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
 def find_bad_images(paths: Sequence[str], *, workers: int | None = None, chunk: int = 256) -> list[BadImage]:
     """Check every path with :func:`check_image`; threads overlap file I/O (PIL and reads release the GIL)."""
     n = len(paths)
     if workers is None:
-        workers = min(8, (os.cpu_count() or 1) * 2)
+        workers = io_threads()
 
     def run(start: int) -> list[BadImage]:
         out = []

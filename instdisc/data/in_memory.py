@@ -12,17 +12,15 @@ the PIL path (or ``instdisc prepare``, which makes the same rows once, on disk).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-
-from .dataset import IndexedDataset
 from torchvision import transforms as T
 
-from .images import open_image
+from .dataset import IndexedDataset
+from .images import io_threads, open_image
 from .transforms import EVAL_RESIZE_RATIO, eval_transform
 
 __all__ = ["IN_MEMORY_MAX_BYTES", "decoded_bytes", "fits_in_memory", "decode_into_memory"]
@@ -62,14 +60,13 @@ def decode_into_memory(ds: IndexedDataset, *, workers: int | None = None) -> Ind
         return stop - start
 
     t0 = time.perf_counter()
-    workers = workers if workers is not None else min(8, (os.cpu_count() or 1) * 2)  # PIL decodes release the GIL
+    workers = workers if workers is not None else io_threads()
     with ProgressBar(n, "decoding into memory", unit="img") as bar, ThreadPoolExecutor(max(1, workers)) as pool:
         for done in pool.map(run, range(0, n, _CHUNK)):
             bar.update(done)
     out = IndexedDataset(spec=ds.spec, labels=ds.labels, classes=ds.classes, channels=c, image_size=s,
                          mean=ds.mean, std=ds.std, array=array, source_indices=ds.source_indices)
     out.content_id = f"files {ds.fingerprint()} | eval view at {s}"  # the files, not the decoded pixels, name it
-
     out.transform = eval_transform(out)
     out.geometry = ds.geometry
     out.n_source = getattr(ds, "n_source", None)

@@ -195,7 +195,7 @@ def _select_good(paths: PathTable, sel: np.ndarray, cached_bad: list[BadImage] |
 
 
 def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, skip_bad_images,
-           max_image_size: int = MAX_SIZE) -> IndexedDataset:
+           max_image_size: int) -> IndexedDataset:
     if spec.kind == "folder":
         src = index_folder(spec.path, cache_dir=cache_dir)
         source, save = src.root, (lambda bad: save_folder_scan(src, bad))
@@ -220,7 +220,7 @@ def _files(spec_text: str, spec: Spec, limit, image_size, channels, cache_dir, s
 
 def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limit: int | None = None,
                   skip_bad_images: bool = False, image_size: int | None = None, channels: int | None = None,
-                  cache_dir: str | os.PathLike | None = None, max_image_size: int | None = None) -> IndexedDataset:
+                  cache_dir: str | os.PathLike | None = None, max_image_size: int = MAX_SIZE) -> IndexedDataset:
     """Build the dataset named by ``spec`` (see the module docstring).
 
     data_root: folder holding a named dataset's files, or its parent (default ``/usr/share/datasets/<name>``).
@@ -250,8 +250,7 @@ def build_dataset(spec: str, *, data_root: str | os.PathLike | None = None, limi
 
         ds = open_cache(parsed.path, spec=spec_text, limit=limit, image_size=image_size, channels=channels)
     else:
-        ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images,
-                    MAX_SIZE if max_image_size is None else int(max_image_size))
+        ds = _files(spec_text, parsed, limit, image_size, channels, cache_dir, skip_bad_images, int(max_image_size))
     log.info("dataset %s: %d samples, %d classes, %d channels, image size %d", ds.spec, len(ds), len(ds.classes),
              ds.channels, ds.image_size)
     return ds

@@ -16,8 +16,8 @@ from torch import nn
 from ..errors import InstdiscError
 from .timm_encoder import TIMM_PREFIX, build_timm_encoder, timm_create_args  # timm itself: imported on use
 
-__all__ = ["ENCODERS", "CONVNETS", "register_encoder", "build_encoder", "list_encoders", "encoder_recipe", "convnet_downsample",
-           "describe_downsample", "split_downsample", "MIN_MAP"]
+__all__ = ["ENCODERS", "CONVNETS", "register_encoder", "build_encoder", "list_encoders", "encoder_recipe",
+           "check_arch", "convnet_downsample", "describe_downsample", "split_downsample", "MIN_MAP"]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,6 +33,19 @@ def register_encoder(name: str):
 
 def list_encoders() -> list[str]:
     return sorted(ENCODERS)
+
+
+def check_arch(arch: str) -> tuple[str, int | None]:
+    """``split_downsample(arch)`` of a known ``arch`` (a registered name, ``NAME@D`` of a convnet, ``timm:NAME``);
+    InstdiscError naming the problem (with the closest name) otherwise. Training checks it before reading data."""
+    name, downsample = split_downsample(arch)
+    if downsample is not None and name not in CONVNETS:
+        raise InstdiscError(f"--arch {arch}: '@D' (stride-2 layers) is for the convnet encoders only")
+    if name not in ENCODERS and not name.startswith(TIMM_PREFIX):
+        close = difflib.get_close_matches(name, ENCODERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InstdiscError(f"unknown arch {arch!r}{hint}; choose one of: {', '.join(list_encoders())}")
+    return name, downsample
 
 
 def split_downsample(arch: str) -> tuple[str, int | None]:
@@ -52,9 +65,8 @@ def convnet_downsample(image_size: int, layers: int) -> int:
     """Stride-2 layers a ConvNet with ``layers`` conv layers uses at ``image_size``: one after each conv but the
     first, while the map stays at least ``MIN_MAP`` px (28 px: 14, 7, 4 -> all 3, as always; 16 px: 8, 4 -> 2;
     8 px: 4 -> 1). Tiny images thus keep a spatial map of useful size instead of ending at 1 x 1."""
-    d, side = 0, image_size
-    while d < layers - 1 and (side + 1) // 2 >= MIN_MAP:
-        side = (side + 1) // 2
+    d = 0
+    while d < layers - 1 and _final_side(image_size, d + 1) >= MIN_MAP:
         d += 1
     return d
 
@@ -69,15 +81,13 @@ def describe_downsample(arch: str, image_size: int) -> str | None:
     d = convnet_downsample(image_size, layers)
     if d == layers - 1:
         return None
-    side = image_size
-    for _ in range(d):
-        side = (side + 1) // 2
+    side, full = _final_side(image_size, d), _final_side(image_size, layers - 1)
     return (f"encoder {name} at {image_size} px: {d} of its {layers - 1} stride-2 layers, so that the last map is "
-            f"{side}x{side} px (not {_final_side(image_size, layers - 1)}x{_final_side(image_size, layers - 1)}); "
-            f"--arch {name}@{layers - 1} keeps them all")
+            f"{side}x{side} px (not {full}x{full}); --arch {name}@{layers - 1} keeps them all")
 
 
 def _final_side(side: int, d: int) -> int:
+    """The map's side after ``d`` stride-2 3x3 convs (padding 1) on ``side`` px."""
     for _ in range(d):
         side = (side + 1) // 2
     return side
@@ -89,26 +99,14 @@ def build_encoder(arch: str, *, in_channels: int = 3, image_size: int = 224) -> 
     ``arch`` is a registered name or ``timm:NAME`` (any timm model, ``num_classes=0``: its pooled pre-logits). The
     ConvNet encoders take ``NAME@D``: exactly D stride-2 layers, instead of as many as keep the last map at least
     ``MIN_MAP`` pixels wide (see :func:`convnet_downsample`)."""
-    name, downsample = split_downsample(arch)
+    name, downsample = check_arch(arch)
     if in_channels not in (1, 3):
         raise InstdiscError(f"in_channels must be 1 or 3, got {in_channels}")
     if image_size < 8:
         raise InstdiscError(f"image_size must be at least 8, got {image_size}")
     if name in CONVNETS:
         enc = CONVNETS[name](in_channels, image_size, downsample)
-        assert isinstance(getattr(enc, "feature_dim", None), int)
-        return enc
-    if downsample is not None:
-        raise InstdiscError(f"--arch {arch}: '@D' (stride-2 layers) is for the convnet encoders only")
-    if arch not in ENCODERS and not arch.startswith(TIMM_PREFIX):
-        close = difflib.get_close_matches(arch, ENCODERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InstdiscError(f"unknown arch {arch!r}{hint}; choose one of: {', '.join(list_encoders())}")
-    if in_channels not in (1, 3):
-        raise InstdiscError(f"in_channels must be 1 or 3, got {in_channels}")
-    if image_size < 8:
-        raise InstdiscError(f"image_size must be at least 8, got {image_size}")
-    if arch.startswith(TIMM_PREFIX):
+    elif arch.startswith(TIMM_PREFIX):
         enc = build_timm_encoder(arch[len(TIMM_PREFIX):], in_channels, image_size)
     else:
         enc = ENCODERS[arch](in_channels=in_channels, image_size=image_size)

@@ -55,12 +55,12 @@ class Batches:
     image caches (``use_batch_aug``), PIL transforms in DataLoader workers for files."""
 
     def __init__(self, cfg, ds, device: torch.device, use_batch_aug: bool):
-        from .config import DEFAULT_BATCH, crop_min_for
+        from .config import crop_min_for
 
         self.cfg, self.ds, self.device, self.use_batch_aug = cfg, ds, device, use_batch_aug
-        # a run's config is resolved (TrainConfig.resolve_budget / resolve_for_images); a bare one takes the defaults
-        self.batch_size = cfg.batch_size or DEFAULT_BATCH  # this process's share of a step
-        self.steps_per_epoch = len(ds) // self.batch_size  # the remainder of a permutation is left out
+        self.batch_size = cfg.batch_size  # this process's share of a step
+        self.steps_per_epoch = len(ds) // cfg.batch_size  # the remainder of a permutation is left out
+        # a run resolves the crop (TrainConfig.resolve_for_images); a config that did not takes the same rule
         crop_min = cfg.crop_min if cfg.crop_min is not None else crop_min_for(ds.image_size)
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment

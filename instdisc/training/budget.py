@@ -28,7 +28,8 @@ WINDOW_STEPS = 20
 class TimeBudget:
     """The step plan of one ``--time`` run. ``clock`` returns seconds (``time.perf_counter``; tests pass their own)."""
 
-    def __init__(self, seconds: float, *, clock=time.perf_counter, spent: float = 0.0, plan: int | None = None):
+    def __init__(self, seconds: float, *, clock=time.perf_counter, spent: float = 0.0, plan: int | None = None,
+                 hard_stop: bool = True):
         self.seconds = float(seconds)
         self.clock = clock
         self.t0 = clock() - float(spent)  # ``spent``: seconds of the budget used before a resume
@@ -36,7 +37,7 @@ class TimeBudget:
         self.replan = plan is None  # a resumed run keeps the plan it saved
         self._mark: tuple[int, float] | None = None  # (global step, time) where the timing window began
         self.seconds_per_step: float | None = None
-        self.hard_stop = True  # stop when the budget is spent (one process; a distributed run keeps its plan)
+        self.hard_stop = hard_stop  # stop when the budget is spent (one process; a distributed run keeps its plan)
 
     def spent(self) -> float:
         return self.clock() - self.t0
@@ -50,8 +51,8 @@ class TimeBudget:
         """Call after each optimiser step; returns the new plan when one is made, else None.
         ``steps_this_process``: steps this process ran (a resumed run's first steps are warm-up too)."""
         if self.plan is not None:
-            if self.hard_stop and self.replan and global_step < self.plan and self.spent() >= self.seconds:  # slower than measured
-                self.plan = global_step  # the budget is spent: stop at this step boundary
+            if self.hard_stop and self.replan and global_step < self.plan and self.spent() >= self.seconds:
+                self.plan = global_step  # slower than measured, the budget is spent: stop at this step boundary
                 return self.plan
             return None
         if not self.replan:
@@ -80,8 +81,13 @@ class TimeBudget:
                 "seconds_per_step": self.seconds_per_step}
 
     @classmethod
-    def from_state(cls, state: dict, seconds: float, *, clock=time.perf_counter) -> "TimeBudget":
-        return cls(seconds, clock=clock, spent=float(state.get("spent", 0.0)), plan=state.get("plan"))
+    def from_state(cls, state: dict | None, seconds: float, *, since: float = 0.0, clock=time.perf_counter,
+                   hard_stop: bool = True) -> "TimeBudget":
+        """The budget of a run that :meth:`state` described (None or {}: a new run), ``since`` seconds of it spent
+        since then (this process's set-up)."""
+        state = state or {}
+        return cls(seconds, clock=clock, spent=float(state.get("spent", 0.0)) + since, plan=state.get("plan"),
+                   hard_stop=hard_stop)
 
     def describe(self) -> str:
         eta = self.seconds_per_step * self.plan if self.seconds_per_step else math.nan

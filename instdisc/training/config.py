@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..bank import BANK_DTYPES, DEFAULT_K, auto_k
 from ..bank_neighbours import NEIGHBOUR_INDEXES
+from ..data.transforms import CROP_SCALE
 from ..device import DEVICES
 from ..errors import InstdiscError
 from ..models.head import HEADS
@@ -49,7 +50,7 @@ DEFAULT_BATCH = 256
 SMALL_DATA_MIN_BATCH = 64
 MIN_STEPS = 1500
 
-CROP_MIN = 0.2  # InstDisc's RandomResizedCrop scale (0.2, 1)
+CROP_MIN = CROP_SCALE[0]  # InstDisc's RandomResizedCrop scale (0.2, 1)
 TINY_SIDE = 24  # images under this side get a larger smallest crop (crop_min_for)
 
 
@@ -235,11 +236,9 @@ class TrainConfig:
             bad("in-batch negatives need two views per image")
         if self.crop_min is not None and not 0 < self.crop_min <= 1:
             bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
-        from ..models.registry import ENCODERS, TIMM_PREFIX, split_downsample
+        from ..models.registry import check_arch
 
-        arch_name = split_downsample(self.arch)[0]
-        if not arch_name.startswith(TIMM_PREFIX) and arch_name not in ENCODERS:
-            bad(f"unknown arch {self.arch!r}; choose one of: {', '.join(sorted(ENCODERS))}, or timm:NAME")
+        check_arch(self.arch)  # before any data is read
         if self.init_weights is not None and not os.path.exists(self.init_weights):
             bad(f"--init-weights {self.init_weights}: no such file or folder")
         if self.workers < 0:
@@ -307,8 +306,8 @@ class TrainConfig:
                 why.append(f"batch {b} instead of {DEFAULT_BATCH} on {n_data} images")
             self.batch_size = b
         spe = max(1, n_data // self.batch_size)
-        if self.time is None and self.steps is None and self.epochs is None:
-            if wants_min and spe * epochs < MIN_STEPS:
+        if wants_min:
+            if spe * epochs < MIN_STEPS:
                 epochs = math.ceil(MIN_STEPS / spe)
                 why.append(f"{epochs} epochs instead of {DEFAULT_EPOCHS}")
             self.epochs = epochs

@@ -216,6 +216,7 @@ class _Run:
     budget_line: str = ""  # how the batch size and the length of the run were chosen (config.json "budget")
     steps_run: int = 0  # steps this process ran (a --time budget's warm-up counts them)
     pil_path: bool = False  # files through the per-sample PIL path: the first epoch end says what prepare gives
+    progress: Progress | None = None  # throughput and ETA of this process's steps (_fit)
 
     @property
     def total_steps(self) -> int:
@@ -279,7 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset=None, stop_flag: _S
         strategy.close()
 
 
-def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_call: float | None = None) -> _Run:
+def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_call: float) -> _Run:
     """Build the data, the model and the optimizer, check everything, then start the run or load its checkpoint."""
     device = strategy.device
     run_existed = Path(cfg.out).is_dir()  # before the index cache (default OUT/.index-cache) can create it
@@ -295,7 +296,7 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_cal
             cfg.data, data_root=cfg.data_root, limit=cfg.limit, skip_bad_images=cfg.skip_bad_images,
             image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir,
             max_image_size=inferred_size_cap(device))
-    if strategy.is_main and "capped at" in ((getattr(ds, "geometry", None) or {}).get("reason") or ""):
+    if strategy.is_main and (getattr(ds, "geometry", None) or {}).get("capped"):
         log.info("the inferred image size is capped at %d on %s (%s); --image-size chooses another",
                  inferred_size_cap(device), device.type, ", ".join(f"{k} {v}" for k, v in SIZE_CAP.items()))
     n = len(ds)
@@ -351,10 +352,8 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_cal
     run.budget_line = budget_line
     run.pil_path = not use_batch_aug
     if cfg.time is not None:  # a resumed run keeps its plan and the seconds it had spent
-        saved = (ckpt or {}).get("time_budget") or {}
-        spent = float(saved.get("spent", 0.0)) + time.perf_counter() - (t_call or time.perf_counter())
-        run.budget = TimeBudget(cfg.time, spent=spent, plan=saved.get("plan"))
-        run.budget.hard_stop = strategy.world == 1  # a stop decided by one process's clock would split the ranks
+        run.budget = TimeBudget.from_state((ckpt or {}).get("time_budget"), cfg.time, since=time.perf_counter() - t_call,
+                                           hard_stop=strategy.world == 1)  # one clock must not split the ranks
     if ckpt is not None:
         _load(run, ckpt)
     else:
@@ -427,7 +426,7 @@ def _begin(run: _Run, use_batch_aug: bool) -> None:
 def _fit(run: _Run, stop: _StopFlag) -> TrainResult:
     """Epochs until the run's steps are done (:attr:`_Run.total_steps`) or a stop request."""
     cfg = run.cfg
-    progress = Progress(run.total_steps, cfg.batch_size, run.global_step)
+    progress = run.progress = Progress(run.total_steps, cfg.batch_size, run.global_step)
     interrupted = False
     run.model.train()
     with stop.installed():
@@ -495,7 +494,7 @@ def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
         run.steps_run += 1
         run.last_loss = loss_value
         if run.budget is not None:
-            _after_step_budget(run, progress, run.steps_run)
+            _after_step_budget(run)
         losses.append(loss_value)
         for key in _EPOCH_MEANS:
             if key in stats:
@@ -514,16 +513,17 @@ def train_one_epoch(run: _Run, stop: _StopFlag, progress: Progress) -> int:
     return spe
 
 
-def _after_step_budget(run: _Run, progress: Progress, ran: int) -> None:
+def _after_step_budget(run: _Run) -> None:
     """--time: make the step plan once the speed is measured (logged, and a ``plan`` record in metrics.jsonl)."""
     before = run.budget.plan
-    if run.budget.after_step(run.global_step, ran) is not None:  # the plan: the same step in every process
+    if run.budget.after_step(run.global_step, run.steps_run) is not None:  # the same step in every process
         run.budget.plan = run.strategy.from_main(run.budget.plan)
-        _record_plan(run, progress, "measured" if before is None else "budget spent: stopped before the plan's end")
+        _record_plan(run, "measured" if before is None else "budget spent: stopped before the plan's end")
 
 
-def _record_plan(run: _Run, progress: Progress, why: str) -> None:
-    progress.total_steps = run.total_steps
+def _record_plan(run: _Run, why: str) -> None:
+    """A new --time plan: the progress ETA follows it; one log line and a ``plan`` record."""
+    run.progress.total_steps = run.total_steps
     b = run.budget
     log.info("%s (%s at step %d)", b.describe(), why, run.global_step)
     run.metrics.write({"type": "plan", "global_step": run.global_step, "steps": b.plan, "epochs": run.n_epochs,
@@ -560,7 +560,7 @@ def _end_epoch(run: _Run, seconds: float) -> None:
         run.budget.at_epoch_end(run.global_step)
         run.budget.plan = run.strategy.from_main(run.budget.plan)  # every process stops at the same step
         if run.budget.plan != old:
-            _record_plan(run, Progress(run.total_steps, cfg.batch_size, run.global_step), "re-measured at an epoch end")
+            _record_plan(run, "re-measured at an epoch end")
     run.checkpoint(epoch, 0, [])
     log.info("epoch %d/%d done in %.1fs, mean loss %.4f, pos/neg gap %.3f, staleness %.3f, uniformity %.2f, "
              "z_std %.4f", epoch, run.n_epochs, record["seconds"], record["loss"], record["gap"],
@@ -568,7 +568,7 @@ def _end_epoch(run: _Run, seconds: float) -> None:
     run.history.append(record)
     if run.pil_path and run.strategy.is_main:  # once: the measured rate, and what prepare would give
         run.pil_path = False
-        rate = (run.global_step - (epoch - 1) * spe) * cfg.batch_size * cfg.views / max(seconds, 1e-9)
+        rate = run.steps_run * cfg.batch_size * cfg.views / max(seconds, 1e-9)  # all in this, its first epoch
         log.warning("the per-sample PIL path trained %.0f view-images/s this epoch; `instdisc prepare %s --out "
                     "data.h5` decodes the files once, and `instdisc train cache:data.h5 ...` then trains through "
                     "BatchAugment (8,000 PNGs of 28 px on 2 CPU cores: ~275 images/s via PIL, ~1,600 from memory; "

@@ -43,7 +43,8 @@ class Variant:
     def __init__(self, name: str, x: torch.Tensor, amp: bool):
         self.name, self.amp = name, amp
         self.target = torch.randn(x.shape[0], 128, generator=torch.Generator().manual_seed(1))  # (2B, low_dim)
-        self.model = _model(name != "contiguous", x.shape[0] // 2)
+        self.model = _model(name != "contiguous", x.shape[0] // 2).to(x.device)
+        self.target = self.target.to(x.device)
         self.x = x.contiguous() if name == "contiguous" else as_channels_last(x)
         embed = lambda v: self.model.head(self.model.encoder(v))  # noqa: E731 (images -> z before normalising)
         self.fn = embed
@@ -53,6 +54,7 @@ class Variant:
             self.fn = torch.compile(embed, mode=mode)
             t0 = time.perf_counter()
             self.step()
+            _sync(x.device)
             self.compile_s = time.perf_counter() - t0
 
     def step(self) -> None:
@@ -68,10 +70,17 @@ class Variant:
         return [p.grad.detach().float().clone() for p in self.model.parameters() if p.grad is not None]
 
 
-def run(args) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args, device: torch.device | None = None) -> dict:
+    """Time ``args.variants`` (``rounds``, ``batch_size``) on ``device`` (default CPU; bench_gpu.py passes CUDA)."""
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    x = torch.randn(2 * args.batch_size, 1, 28, 28)  # (2B, C, S, S): two views of B images
-    amp = resolve_amp(True, torch.device("cpu"))
+    x = torch.randn(2 * args.batch_size, 1, 28, 28).to(device)  # (2B, C, S, S): two views of B images
+    amp = resolve_amp(True, device)
     variants = [Variant(n, x, amp) for n in args.variants]
     for v in variants:  # warm-up
         v.step()
@@ -87,8 +96,10 @@ def run(args) -> dict:
     times = {v.name: [] for v in variants}
     for _ in range(args.rounds):
         for v in variants:
+            _sync(device)
             t0 = time.perf_counter()
             v.step()
+            _sync(device)
             times[v.name].append((time.perf_counter() - t0) * 1000)
     base = statistics.median(times[variants[0].name])
     rows = []
@@ -97,11 +108,12 @@ def run(args) -> dict:
         rows.append({"variant": v.name, "ms": ms, "min_ms": min(times[v.name]), "max_ms": max(times[v.name]),
                      "speedup": base / ms, "compile_s": v.compile_s, "grad_rel_diff": diffs[v.name]})
     return {"rows": rows, "amp": amp, "rounds": args.rounds, "threads": torch.get_num_threads(),
-            "views": int(x.shape[0])}
+            "views": int(x.shape[0]), "device": str(device)}
 
 
 def table(res: dict) -> str:
-    lines = [f"encoder + head forward + backward, {res['views']} views of 1x28x28, {'bf16 autocast' if res['amp'] else 'float32'}"
+    lines = [f"encoder + head forward + backward on {res.get('device', 'cpu')}, {res['views']} views of 1x28x28, "
+             f"{'bf16 autocast' if res['amp'] else 'float32'}"
              f", {res['threads']} threads, median of {res['rounds']} interleaved rounds",
              f"{'variant':<14}{'ms':>9}{'min':>9}{'max':>9}{'speed-up':>10}{'compile s':>11}{'grad diff':>11}"]
     for r in res["rows"]:

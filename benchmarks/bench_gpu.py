@@ -5,7 +5,9 @@
 Rows: memory bank on the GPU (shared and per-sample heads at N = 1.28M, K = 4096), bf16 autocast training steps of
 ResNet-18 / convnet-s, FAISS GPU flat index vs CPU flat index (Q = 10k, N = 1M, k = 200), a short real training run
 (Fashion-MNIST subset, AMP) with a kNN check; then bench_roofline.py's tables on the GPU: the measured bf16 / float32
-matmul and conv limits, the demo step's achieved rate per part and where its time goes (--skip-roofline: left out).
+matmul and conv limits, the demo step's achieved rate per part and where its time goes (--skip-roofline: left out);
+then bench_encoder_variants.py's table on the GPU: the demo step eager against torch.compile, cold compile apart,
+which decides whether ``instdisc train --compile auto`` turns on for CUDA (--skip-compile: left out).
 Without CUDA it says so and exits with status 0, printing nothing else: it never fakes a figure.
 """
 from __future__ import annotations
@@ -129,11 +131,25 @@ def roofline(dev) -> dict:
     return res
 
 
+def compile_variants(dev) -> dict:
+    """bench_encoder_variants.py on ``dev``: the demo step eager (channels-last, NCHW) against torch.compile (default,
+    max-autotune), cold compile apart: the measurement that decides whether ``--compile auto`` turns on for CUDA."""
+    import argparse as _argparse
+
+    import bench_encoder_variants
+
+    args = _argparse.Namespace(rounds=9, batch_size=256, variants=["eager", "contiguous", "compile", "compile-max"])
+    res = bench_encoder_variants.run(args, dev)
+    print("\n" + bench_encoder_variants.table(res))
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json-out", default=str(_machine.REPO / "benchmarks/results/bench_gpu.json"))
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-roofline", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured (run it on a GPU machine)")
@@ -146,8 +162,10 @@ def main() -> int:
         extras = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")
         print(f"{r['what']:<72} {extras}")
     roof = None if args.skip_roofline else roofline(dev)
+    comp = None if args.skip_compile else compile_variants(dev)
     _machine.write_json(args.json_out, {"benchmark": "bench_gpu", "gpu": name, "machine": _machine.machine_info(),
-                                        "rows": rows, **({"roofline": roof} if roof is not None else {})})
+                                        "rows": rows, **({"roofline": roof} if roof is not None else {}),
+                                        **({"compile": comp} if comp is not None else {})})
     return 0
 
 

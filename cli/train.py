@@ -56,6 +56,8 @@ from .app import cli, data_options
                    "into memory once); pil: per-sample PIL transforms of the files.")
 @click.option("--crop-min", type=float, default=None,
               help="Smallest crop area fraction (default 0.2 as InstDisc; images under 24 px: up to 0.6).")
+@click.option("--jitter", type=float, default=None,
+              help="Colour jitter strength: brightness, contrast, saturation (hue at most 0.5) [default: 0.4].")
 @click.option("--epochs", type=int, default=None,
               help="Epochs (default 10, more on small data: at least 1500 optimiser steps; see docs/small-data.md).")
 @click.option("--batch-size", type=int, default=None,
@@ -77,6 +79,9 @@ from .app import cli, data_options
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Drop unreadable images instead of stopping.")
 @click.option("--device", type=click.Choice(CHOICES["device"]), default=None)
 @click.option("--no-amp", "amp", flag_value=False, default=None, help="Disable bf16 autocast (used on CUDA and on CPUs with native bf16).")
+@click.option("--compile", "compile", type=click.Choice(CHOICES["compile"]), default=None,
+              help="torch.compile the encoder + head: auto = where it measured faster (no device yet; "
+                   "docs/training.md), on, off [default: auto].")
 @click.option("--seed", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes (file datasets).")
 @click.option("--log-every", type=int, default=None)

@@ -3,11 +3,12 @@ import pickle
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from instdisc.data.transforms import TwoView, eval_transform, train_transform
+from instdisc.data.transforms import JITTER, TwoView, eval_transform, jitter_strengths, train_transform
 
 FOLDER = SimpleNamespace(channels=3, image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                          array=None, native_size=None)
@@ -46,6 +47,14 @@ def test_train_recipe_grayscale_has_no_colour_ops():
     assert jitter.saturation is None and jitter.hue is None and jitter.contrast == (0.6, 1.4)
     torch.manual_seed(0)
     assert t(gray_image()).shape == (1, 28, 28)
+
+
+def test_jitter_strength():
+    assert jitter_strengths() == {"brightness": JITTER, "contrast": JITTER, "saturation": JITTER, "hue": JITTER}
+    assert jitter_strengths(0.8) == {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.5}
+    rgb, gray = train_transform(FOLDER, jitter=0.8).transforms[1], train_transform(FMNIST, jitter=0.8).transforms[1]
+    assert rgb.brightness == pytest.approx((0.2, 1.8)) == rgb.saturation and rgb.hue == (-0.5, 0.5)
+    assert gray.contrast == pytest.approx((0.2, 1.8)) and gray.hue is None
 
 
 def test_eval_in_memory_is_plain_normalisation():

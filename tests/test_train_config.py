@@ -46,6 +46,14 @@ def test_no_bank_control_and_view_plus_bank_settings():
         TrainConfig.from_recipe("fast", positive="view+bank", loss="nce", in_batch=False)
 
 
+def test_jitter_setting():
+    assert TrainConfig.from_recipe("fast").jitter == 0.4 and TrainConfig.from_recipe("paper").jitter == 0.4
+    assert TrainConfig.from_recipe("fast", jitter=0.8).jitter == 0.8
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InstdiscError, match=f"--jitter must be in \\[0, 1\\], got {bad}"):
+            TrainConfig.from_recipe("fast", jitter=bad)
+
+
 @pytest.mark.parametrize("over,msg", [
     (dict(nce_t=0), "tau"), (dict(nce_t=-1), "tau"), (dict(nce_m=1.0), "momentum"), (dict(nce_m=-0.1), "momentum"),
     (dict(nce_k=-1), "nce-k"), (dict(epochs=0), "epochs"), (dict(batch_size=1), "batch-size"), (dict(lr=0), "lr"),

@@ -82,6 +82,23 @@ def test_exact_batch_rows_with_encoder_init(fake_mnist, tmp_path):
     assert not same[list(touched)].any()
 
 
+@pytest.mark.parametrize("batch_aug", [True, False])
+def test_jitter_reaches_the_views(fake_mnist, tmp_path, batch_aug):
+    """--jitter sets the colour jitter of the training views (both paths) and of the health probe's views."""
+    from instdisc.training.health import HealthProbe
+
+    cfg = tiny_cfg(fake_mnist, tmp_path / "r", jitter=0.8, crop_min=0.2)
+    ds = build_dataset(cfg.data, data_root=cfg.data_root, limit=40)
+    b = Batches(cfg, ds, torch.device("cpu"), batch_aug)
+    probe = HealthProbe(ds, 0, crop_min=0.2, jitter=cfg.jitter)
+    if batch_aug:
+        assert b.aug.strengths[:2] == (0.8, 0.8) and probe.aug.strengths[:2] == (0.8, 0.8)
+    else:
+        assert b.transform.transforms[1].brightness == pytest.approx((0.2, 1.8))
+    default = Batches(tiny_cfg(fake_mnist, tmp_path / "d"), ds, torch.device("cpu"), True)
+    assert default.aug.strengths[:2] == (0.4, 0.4)
+
+
 def test_files_written(fake_mnist, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(fake_mnist, out))

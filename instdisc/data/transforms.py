@@ -14,7 +14,7 @@ from typing import Callable
 
 from torchvision import transforms as T
 
-__all__ = ["train_transform", "eval_transform", "TwoView", "CROP_SCALE", "JITTER", "GRAYSCALE_P", "EVAL_RESIZE_RATIO"]
+__all__ = ["train_transform", "eval_transform", "TwoView", "CROP_SCALE", "JITTER", "jitter_strengths", "GRAYSCALE_P", "EVAL_RESIZE_RATIO"]
 
 CROP_SCALE = (0.2, 1.0)
 JITTER = 0.4  # brightness, contrast, saturation and hue strength
@@ -22,18 +22,27 @@ GRAYSCALE_P = 0.2
 EVAL_RESIZE_RATIO = 256 / 224  # file datasets: resize the short side to size * 256/224, then centre-crop
 
 
+def jitter_strengths(jitter: float = JITTER) -> dict:
+    """ColorJitter's four strengths for one ``--jitter`` value: brightness, contrast and saturation ``jitter``, hue
+    ``min(jitter, 0.5)`` (hue's bound); gray data uses only the first two."""
+    j = float(jitter)
+    return {"brightness": j, "contrast": j, "saturation": j, "hue": min(j, 0.5)}
+
+
 def _normalize(ds) -> list:
     return [T.ToTensor(), T.Normalize(ds.mean, ds.std)]
 
 
-def train_transform(ds, *, scale: tuple[float, float] = CROP_SCALE) -> Callable:
-    """PIL image -> float tensor C x S x S (S = ds.image_size), randomly augmented (crop area fraction in ``scale``)."""
+def train_transform(ds, *, scale: tuple[float, float] = CROP_SCALE, jitter: float = JITTER) -> Callable:
+    """PIL image -> float tensor C x S x S (S = ds.image_size), randomly augmented (crop area fraction in ``scale``,
+    colour jitter of strength ``jitter``: :func:`jitter_strengths`)."""
     size = ds.image_size
     steps: list = [T.RandomResizedCrop(size, scale=tuple(scale))]
+    js = jitter_strengths(jitter)
     if ds.channels == 3:
-        steps += [T.ColorJitter(JITTER, JITTER, JITTER, JITTER), T.RandomGrayscale(p=GRAYSCALE_P)]
+        steps += [T.ColorJitter(**js), T.RandomGrayscale(p=GRAYSCALE_P)]
     else:
-        steps += [T.ColorJitter(JITTER, JITTER)]
+        steps += [T.ColorJitter(js["brightness"], js["contrast"])]
     steps += [T.RandomHorizontalFlip()]
     return T.Compose(steps + _normalize(ds))
 

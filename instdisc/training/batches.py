@@ -21,7 +21,7 @@ import threading
 import torch
 
 from ..data.dataset import take_rows
-from ..data.transforms import train_transform
+from ..data.transforms import jitter_strengths, train_transform
 from ..errors import InstdiscError
 from ..seeding import Stream, mix_seed
 
@@ -64,11 +64,11 @@ class Batches:
         crop_min = cfg.crop_min if cfg.crop_min is not None else crop_min_for(ds.image_size)
         if use_batch_aug:
             from ..data.batch_aug import BatchAugment
-            self.aug = BatchAugment(ds, scale=(crop_min, 1.0))
+            self.aug = BatchAugment(ds, scale=(crop_min, 1.0), **jitter_strengths(cfg.jitter))
             on_disk = getattr(ds, "memmapped", False)  # an image cache is read from its memmap, batch by batch
             self.array = ds.array.to(device) if device.type == "cuda" and not on_disk else ds.array
         else:
-            self.transform = train_transform(ds, scale=(crop_min, 1.0))
+            self.transform = train_transform(ds, scale=(crop_min, 1.0), jitter=cfg.jitter)
             if getattr(ds, "paths", None) is not None:  # JPEG draft: the smallest crop still has >= S source pixels
                 from ..data.images import DRAFT_MARGIN
 

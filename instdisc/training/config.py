@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 
 from ..bank import BANK_DTYPES, DEFAULT_K, auto_k
 from ..bank_neighbours import NEIGHBOUR_INDEXES
-from ..data.transforms import CROP_SCALE
+from ..data.transforms import CROP_SCALE, JITTER
 from ..device import DEVICES
 from ..errors import InstdiscError
 from ..models.head import HEADS
 from ..normaliser import Z_MODES
 from ..objective import LOSSES, NEGATIVES, POSITIVES
+from .compiled import COMPILE_MODES
 from .schedule import SCHEDULES
 
 __all__ = ["TrainConfig", "RECIPES", "CHOICES", "DEFAULT_RECIPE", "DEFAULT_EPOCHS", "DEFAULT_BATCH", "MIN_STEPS",
@@ -26,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": LOSSES, "negatives": NEGATIVES, "positive": POSITIVES, "z_mode": Z_MODES,
     "bank_dtype": tuple(BANK_DTYPES), "bank_init": ("random", "encoder"), "augment": ("auto", "batch", "pil"),
     "device": DEVICES, "schedule": SCHEDULES, "head": HEADS, "neighbour_index": NEIGHBOUR_INDEXES,
-    "cluster_source": ("bank", "labels"),
+    "cluster_source": ("bank", "labels"), "compile": COMPILE_MODES,
 }
 
 # Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
@@ -130,8 +131,10 @@ class TrainConfig:
     augment: str = "auto"              # auto | batch | pil
     crop_min: float | None = None      # RandomResizedCrop keeps a fraction in [crop_min, 1] of the image area
     #                                    (None: 0.2, more for images under 24 px: crop_min_for)
+    jitter: float = JITTER             # colour jitter strength: brightness, contrast, saturation (hue at most 0.5)
     device: str = "auto"               # auto | cpu | cuda
     amp: bool = True                   # bf16 autocast of encoder + head on CUDA and on CPUs with native bf16
+    compile: str = "auto"              # auto | on | off: torch.compile of encoder + head (auto: where it measured faster)
     seed: int = 0
     workers: int = 0
     log_every: int = 50
@@ -236,6 +239,8 @@ class TrainConfig:
             bad("in-batch negatives need two views per image")
         if self.crop_min is not None and not 0 < self.crop_min <= 1:
             bad(f"--crop-min must be in (0, 1], got {self.crop_min}")
+        if not 0 <= self.jitter <= 1:
+            bad(f"--jitter must be in [0, 1], got {self.jitter}")
         from ..models.registry import check_arch
 
         check_arch(self.arch)  # before any data is read

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.batch_aug import BatchAugment, batch_eval
 from ..data.dataset import take_rows
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import JITTER, eval_transform, jitter_strengths, train_transform
 from ..features import eval_mode
 from ..seeding import Stream, mix_seed
 
@@ -75,10 +75,11 @@ class HealthProbe:
         seed: the run's seed (the probe's slots and augmentations derive from it).
         slots: (P,) slots to probe; default: probe_size(N) drawn without replacement.
         crop_min: the run's smallest crop fraction (for the two augmented views of ``alignment``).
+        jitter: the run's colour jitter strength (the same views).
     """
 
     def __init__(self, ds, seed: int, *, slots: torch.Tensor | None = None, crop_min: float = 0.2,
-                 device: torch.device | str = "cpu") -> None:
+                 jitter: float = JITTER, device: torch.device | str = "cpu") -> None:
         self.ds, self.seed, self.device = ds, int(seed), torch.device(device)
         if slots is None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, Stream.PROBE))
@@ -86,9 +87,9 @@ class HealthProbe:
         self.slots = slots.to(torch.int64)
         self.array = getattr(ds, "array", None)
         if self.array is not None:
-            self.aug = BatchAugment(ds, scale=(crop_min, 1.0))
+            self.aug = BatchAugment(ds, scale=(crop_min, 1.0), **jitter_strengths(jitter))
         else:
-            self.eval_t, self.train_t = eval_transform(ds), train_transform(ds, scale=(crop_min, 1.0))
+            self.eval_t, self.train_t = eval_transform(ds), train_transform(ds, scale=(crop_min, 1.0), jitter=jitter)
 
     def views(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(eval view, augmented view a, augmented view b), each P x C x S x S float32 on the device."""

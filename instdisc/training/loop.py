@@ -45,6 +45,7 @@ from .budget import TimeBudget
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import DEFAULT_EPOCHS, TrainConfig
 from .health import HealthProbe, health_warnings
+from .compiled import compile_embed, resolve_compile
 from .precision import as_channels_last, autocast, resolve_amp, use_channels_last
 from .progress import MetricsWriter, Progress, format_eta
 from .schedule import lr_at
@@ -55,9 +56,10 @@ __all__ = ["train", "train_one_epoch", "TrainResult", "TrainingDiverged"]
 
 log = logging.getLogger("instdisc.training")
 
-# Settings that may differ between a run and its resume (they do not change what is computed on CPU).
+# Settings that may differ between a run and its resume (they do not change what is computed on CPU; compile computes
+# the same function, rounded differently, so a resume is bit-exact only with the same --compile).
 _RESUMABLE_CHANGES = {"out", "workers", "log_every", "save_every", "device", "epochs", "steps", "time", "knn_every",
-                      "knn_data", "data_root", "tensorboard", "verdict"}
+                      "knn_data", "data_root", "tensorboard", "verdict", "compile"}
 
 
 # Step statistics of the objective whose epoch means go into the epoch record (see Objective.forward).
@@ -205,6 +207,7 @@ class _Run:
     data_info: dict
     amp: bool
     out: Path
+    compiled: bool = False  # the step's encoder + head run through torch.compile (--compile)
     epoch: int = 0
     start: int = 0  # the first step of ``epoch`` still to train
     global_step: int = 0
@@ -342,14 +345,16 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_cal
         log.warning("removed %d temp file(s) left by a killed run in %s, e.g. %s", len(stale), out, stale[0].name)
 
     use_channels_last(model.to(device))  # conv weights channels-last: faster oneDNN / cuDNN kernels
-    embed = strategy.wrap(model)  # DDP over encoder + head in a distributed run
+    compiled = resolve_compile(cfg.compile, device)
+    embed = compile_embed(strategy.wrap(model), compiled)  # DDP over encoder + head in a distributed run; --compile
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     batches = strategy.batches(cfg, ds, use_batch_aug)
     run = _Run(cfg, strategy, ds, model, embed, optimizer, batches,
                MetricsWriter.for_run(out, cfg, main=strategy.is_main), knn_monitor,
-               HealthProbe(ds, cfg.seed, crop_min=cfg.crop_min, device=device), data_info,
+               HealthProbe(ds, cfg.seed, crop_min=cfg.crop_min, jitter=cfg.jitter, device=device), data_info,
                resolve_amp(cfg.amp, device), out)  # amp: bf16 autocast of encoder + head (CUDA; CPUs with bf16)
     run.budget_line = budget_line
+    run.compiled = compiled
     run.pil_path = not use_batch_aug
     if cfg.time is not None:  # a resumed run keeps its plan and the seconds it had spent
         run.budget = TimeBudget.from_state((ckpt or {}).get("time_budget"), cfg.time, since=time.perf_counter() - t_call,
@@ -364,6 +369,8 @@ def _start(cfg: TrainConfig, strategy, resume: bool, dataset, index_cache, t_cal
     log.info("training %s on %d images (%s), %s, batch %d, device %s, augment %s, %s",
              cfg.arch, n, cfg.data, length, cfg.batch_size, device,
              "batch" if use_batch_aug else "pil", "bf16 autocast" if run.amp else "float32")
+    if run.compiled:
+        log.info("encoder + head compiled with torch.compile (--compile %s): the first step pays the compile", cfg.compile)
     return run
 
 
@@ -405,7 +412,7 @@ def _begin(run: _Run, use_batch_aug: bool) -> None:
     seed_everything(cfg.seed)  # global RNG state is then a function of (seed, step), saved and restored exactly
     resolved = cfg.to_dict()
     resolved.update(instdisc_version=__version__, git_commit=_git_commit(), device_resolved=str(run.device),
-                    augment_resolved="batch" if use_batch_aug else "pil", amp_resolved=run.amp,
+                    augment_resolved="batch" if use_batch_aug else "pil", amp_resolved=run.amp, compile_resolved=run.compiled,
                     dataset=run.data_info, steps_per_epoch=run.steps_per_epoch, torch_version=torch.__version__,
                     budget=run.budget_line, encoder_adapted=describe_downsample(cfg.arch, run.ds.image_size),
                     data_in_memory=getattr(run.ds, "decoded_from", None) == "files",

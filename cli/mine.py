@@ -7,7 +7,7 @@ import json
 import click
 
 from instdisc.bank_neighbours import NEIGHBOUR_INDEXES
-from instdisc.mining import mine_bank, run_labels
+from instdisc.mining import check_mine_request, mine_bank, run_labels
 
 from .app import cli
 
@@ -31,6 +31,7 @@ from .app import cli
 def mine_cmd(run_dir, out, k, clusters, index, seed, use_labels, data_root, overwrite, as_json):
     """Search RUN_DIR's memory bank (one stored embedding per training image) for every image's K nearest other
     images, without another pass over the data, and write them to an HDF5 file (docs/bank.md)."""
+    check_mine_request(out, k=k, clusters=clusters, overwrite=overwrite)  # before the run and the data are read
     labels = run_labels(run_dir, data_root=data_root) if use_labels else None
     res = mine_bank(run_dir, out, k=k, clusters=clusters, index=index, seed=seed, labels=labels, overwrite=overwrite)
     extra = "" if res.label_agreement is None else f"; {100 * res.label_agreement:.1f}% of neighbours share a label"

@@ -32,7 +32,7 @@ import torch
 from .bank_neighbours import cluster_bank, cluster_purity, label_agreement, resolve_index_kind, search_bank
 from .errors import InstdiscError
 
-__all__ = ["MineResult", "mine_bank", "run_labels", "pair_similarities", "read_bank_neighbours", "MINE_KIND", "MINE_FORMAT"]
+__all__ = ["MineResult", "mine_bank", "check_mine_request", "run_labels", "pair_similarities", "read_bank_neighbours", "MINE_KIND", "MINE_FORMAT"]
 
 MINE_KIND = "instdisc-bank-neighbours"
 MINE_FORMAT = 1
@@ -69,6 +69,23 @@ def _bank_rows(model) -> torch.Tensor:
     return bank.memory
 
 
+def check_mine_request(out: str | os.PathLike, *, k: int, clusters: int, overwrite: bool) -> Path:
+    """The checks that need no run or data (the CLI calls it before reading anything): ``out`` writable as asked,
+    ``k`` >= 1, ``clusters`` 0 or >= 2. Returns ``out`` as a Path."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InstdiscError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_file():
+        raise InstdiscError(f"{out} exists and is not a file; choose another --out")
+    if not out.parent.is_dir():
+        raise InstdiscError(f"the folder of --out does not exist: {out.parent}")
+    if k < 1:
+        raise InstdiscError(f"--k must be >= 1, got {k}")
+    if clusters < 0 or clusters == 1:
+        raise InstdiscError(f"--clusters must be 0 (none) or >= 2, got {clusters}")
+    return out
+
+
 def mine_bank(run: str | os.PathLike, out: str | os.PathLike, *, k: int = 10, clusters: int = 0,
               index: str = "auto", seed: int = 0, labels=None, overwrite: bool = False) -> MineResult:
     """Search the bank of ``run`` (a run folder or checkpoint) for every slot's ``k`` nearest other slots (FAISS:
@@ -77,13 +94,7 @@ def mine_bank(run: str | os.PathLike, out: str | os.PathLike, *, k: int = 10, cl
     only measure the neighbours' label agreement and the clusters' purity (attrs and the result)."""
     from .training.checkpoint import load_run
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InstdiscError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_file():
-        raise InstdiscError(f"{out} exists and is not a file; choose another --out")
-    if not out.parent.is_dir():
-        raise InstdiscError(f"the folder of --out does not exist: {out.parent}")
+    out = check_mine_request(out, k=k, clusters=clusters, overwrite=overwrite)
     cfg, model, ckpt = load_run(run)
     memory = _bank_rows(model)  # (N, D)
     n = memory.shape[0]

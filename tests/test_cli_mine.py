@@ -28,6 +28,8 @@ def test_mine_without_labels(run, tmp_path):
 def test_mine_bad_input_one_line(run, tmp_path):
     run_dir, _ = run
     assert_one_line_error(invoke(["mine", run_dir, "--out", tmp_path / "nb.h5", "--k", 0, "--no-labels"]), "--k")
+    # refused before the run or the data are read: a missing run with a bad --k names --k
+    assert_one_line_error(invoke(["mine", tmp_path / "missing", "--out", tmp_path / "nb.h5", "--k", 0]), "--k")
     assert_one_line_error(invoke(["mine", tmp_path / "missing", "--out", tmp_path / "nb.h5"]))
     invoke(["mine", run_dir, "--out", tmp_path / "nb.h5", "--no-labels"])
     assert_one_line_error(invoke(["mine", run_dir, "--out", tmp_path / "nb.h5", "--no-labels"]), "--overwrite")

@@ -82,8 +82,12 @@ def test_refusals_leave_the_old_file(run, tmp_path):
         mine_bank(run_dir, out, k=3)
     with pytest.raises(InstdiscError, match="--k must satisfy"):
         mine_bank(run_dir, out, k=32, overwrite=True)
-    with pytest.raises(InstdiscError, match="--clusters must satisfy"):
+    with pytest.raises(InstdiscError, match="--clusters must be 0 \\(none\\) or >= 2, got 1"):
         mine_bank(run_dir, out, k=2, clusters=1, overwrite=True)
+    with pytest.raises(InstdiscError, match="--clusters must satisfy 2 <= C <= N = 32"):
+        mine_bank(run_dir, out, k=2, clusters=33, overwrite=True)
+    with pytest.raises(InstdiscError, match="--k must be >= 1, got 0"):
+        mine_bank(run_dir, out, k=0, overwrite=True)
     with pytest.raises(InstdiscError, match="labels for a bank of 32"):
         mine_bank(run_dir, out, k=2, labels=np.zeros(5), overwrite=True)
     assert out.read_bytes() == before

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import InstdiscError
 
-__all__ = ["BankNeighbours", "search_bank", "cluster_bank", "cluster_purity", "neighbour_stability", "label_agreement", "NEIGHBOUR_INDEXES",
+__all__ = ["BankNeighbours", "search_bank", "missing_as_nan", "cluster_bank", "cluster_purity", "neighbour_stability", "label_agreement", "NEIGHBOUR_INDEXES",
            "EXACT_MAX_ROWS", "IVF_NPROBE", "ivf_nlist", "resolve_index_kind"]
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ def resolve_index_kind(kind: str, n: int) -> str:
     return kind
 
 
-def search_bank(memory: torch.Tensor, k: int, *, kind: str = "auto", seed: int = 0) -> torch.Tensor:
-    """(N, k) int64: for every row of ``memory`` (N, D) the k other rows with the largest inner product, best first.
+def search_bank(memory: torch.Tensor, k: int, *, kind: str = "auto", seed: int = 0, with_scores: bool = False):
+    """(N, k) int64: for every row of ``memory`` (N, D) the k other rows with the largest inner product, best first;
+    with ``with_scores`` also their (N, k) float32 cosines (nan where the slot is -1): ``(slots, scores)``.
 
     Rows are unit vectors (the bank's), so inner product is cosine. ``kind``: "flat" (exact), "ivf" (approximate:
     a row the probed cells miss is replaced by the next best found; a missing tail is -1), "auto" (see
@@ -70,8 +71,14 @@ def search_bank(memory: torch.Tensor, k: int, *, kind: str = "auto", seed: int =
     x = memory.detach().float().cpu().numpy()  # (N, D) float32
     ivf = {"nlist": ivf_nlist(n), "nprobe": IVF_NPROBE} if kind == "ivf" else {}
     index = build_index(x, kind=kind, rng=np.random.default_rng(seed), **ivf)
-    _, ids = search(index, x, k, exclude_self=True)  # (N, k)
-    return torch.from_numpy(ids)
+    sims, ids = search(index, x, k, exclude_self=True)  # (N, k), (N, k)
+    slots = torch.from_numpy(ids)
+    return (slots, missing_as_nan(torch.from_numpy(sims), slots)) if with_scores else slots
+
+
+def missing_as_nan(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``scores`` (N, k) with nan where ``slots`` is -1 (FAISS reports -inf for a neighbour it did not find)."""
+    return scores.float().masked_fill(slots < 0, float("nan"))
 
 
 def cluster_bank(memory: torch.Tensor, c: int, *, seed: int = 0, niter: int = 20) -> torch.Tensor:

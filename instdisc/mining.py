@@ -32,11 +32,10 @@ import torch
 from .bank_neighbours import cluster_bank, cluster_purity, label_agreement, resolve_index_kind, search_bank
 from .errors import InstdiscError
 
-__all__ = ["MineResult", "mine_bank", "check_mine_request", "run_labels", "pair_similarities", "read_bank_neighbours", "MINE_KIND", "MINE_FORMAT"]
+__all__ = ["MineResult", "mine_bank", "check_mine_request", "run_labels", "read_bank_neighbours", "MINE_KIND", "MINE_FORMAT"]
 
 MINE_KIND = "instdisc-bank-neighbours"
 MINE_FORMAT = 1
-_SIM_BLOCK_ROWS = 1 << 15  # rows whose neighbour cosines are computed at once (rows x k x D floats)
 
 
 @dataclass
@@ -49,17 +48,6 @@ class MineResult:
     seconds: float
     label_agreement: float | None = None
     cluster_purity: float | None = None
-
-
-def pair_similarities(memory: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """(N, k) float32 cosine of row i with row slots[i, j] of ``memory`` (N, D) unit rows; nan where slots is -1."""
-    x = memory.detach().float().cpu()
-    out = torch.empty(slots.shape, dtype=torch.float32)
-    for s in range(0, slots.shape[0], _SIM_BLOCK_ROWS):
-        ids = slots[s:s + _SIM_BLOCK_ROWS]  # rows x k
-        sim = torch.einsum("rd,rkd->rk", x[s:s + ids.shape[0]], x[ids.clamp(min=0)])
-        out[s:s + ids.shape[0]] = sim.masked_fill(ids < 0, float("nan"))
-    return out
 
 
 def _bank_rows(model) -> torch.Tensor:
@@ -106,8 +94,7 @@ def mine_bank(run: str | os.PathLike, out: str | os.PathLike, *, k: int = 10, cl
         raise InstdiscError(f"{len(labels)} labels for a bank of {n} rows")
     kind = resolve_index_kind(index, n)
     t0 = time.perf_counter()
-    slots = search_bank(memory, k, kind=kind, seed=seed)  # (N, k)
-    sims = pair_similarities(memory, slots)  # (N, k)
+    slots, sims = search_bank(memory, k, kind=kind, seed=seed, with_scores=True)  # (N, k), (N, k)
     assign = cluster_bank(memory, clusters, seed=seed) if clusters else None  # (N,)
     seconds = time.perf_counter() - t0
     agree = label_agreement(slots, labels) if labels is not None else None

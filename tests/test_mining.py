@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from instdisc.errors import InstdiscError
-from instdisc.mining import MINE_KIND, mine_bank, pair_similarities, read_bank_neighbours, run_labels
+from instdisc.bank_neighbours import missing_as_nan, search_bank
+from instdisc.mining import MINE_KIND, mine_bank, read_bank_neighbours, run_labels
 from instdisc.training.checkpoint import load_run
 
 
@@ -23,12 +24,14 @@ def naive_neighbours(memory: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     return ids, sims
 
 
-def test_pair_similarities_hand_built():
+def test_scores_hand_built():
     m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # unit rows
-    slots = torch.tensor([[2, 1], [2, 0], [1, -1]])
-    got = pair_similarities(m, slots)
-    want = torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.8, float("nan")]])
-    torch.testing.assert_close(got, want, equal_nan=True)
+    slots, got = search_bank(m, 2, kind="flat", with_scores=True)
+    assert slots.tolist() == [[2, 1], [2, 0], [1, 0]]
+    torch.testing.assert_close(got, torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.8, 0.6]]))
+    # a neighbour IVF did not find (-1, FAISS's -inf) has no score
+    masked = missing_as_nan(torch.tensor([[0.6, 0.0], [0.8, float("-inf")]]), torch.tensor([[2, 1], [1, -1]]))
+    torch.testing.assert_close(masked, torch.tensor([[0.6, 0.0], [0.8, float("nan")]]), equal_nan=True)
 
 
 def test_mine_bank_matches_the_definition(run, tmp_path):

@@ -47,6 +47,10 @@ from .app import cli, data_options
 @click.option("--neighbour-every", type=int, default=None, help="Search the bank again every this many epochs.")
 @click.option("--neighbour-index", type=click.Choice(CHOICES["neighbour_index"]), default=None,
               help="FAISS index of the neighbour search (auto: exact up to 60k rows, IVF above).")
+@click.option("--neighbour-select", type=float, default=None,
+              help="Share of all (image, neighbour) pairs kept at each search, those of the largest cosine, and "
+                   "of the images kept in a --clusters cluster, those nearest their centroid (AND's confidence "
+                   "selection; default 1: all).")
 @click.option("--in-batch/--no-in-batch", default=None, help="Also use the batch's other views as negatives.")
 @click.option("--z-mode", type=click.Choice(CHOICES["z_mode"]), default=None, help="NCE normaliser Z.")
 @click.option("--bank-dtype", type=click.Choice(CHOICES["bank_dtype"]), default=None)

@@ -5,10 +5,13 @@ The bank stores, this module searches, the objective scores (instdisc.objective:
 {i} ∪ N(i), AND, Huang et al. 2019). The table is a persistent buffer, so a checkpoint holds it and a resumed run
 scores exactly the neighbours the uninterrupted run scored.
 
-    slots      (N, k) int64: slots[i] = the k slots j != i with the largest v_i . v_j, best first (-1: none yet)
+    slots      (N, k) int64: slots[i] = the k slots j != i with the largest v_i . v_j, best first (-1: none yet, or
+               not selected: with ``select`` < 1 only that share of all (i, j) pairs, those of the largest cosine,
+               stays in the table: AND's confidence selection, Huang et al. 2019)
     assign     (N,) int64: the cluster of every slot from spherical k-means over the bank with C clusters (PCL,
-               Li et al. 2021; -1: none yet / C = 0); the objective's view term counts the batch's other samples
-               of the same cluster as positives
+               Li et al. 2021; -1: none yet / C = 0 / not selected: with ``select`` < 1 only that share of the
+               slots, those nearest their centroid, keeps a cluster); the objective's view term counts the batch's
+               other samples of the same cluster as positives
     refreshes  0-dim int64: how many searches filled the table (0: never; the objective then uses no neighbour)
 
 Search (``search_bank``): exact inner product (``IndexFlatIP``) up to ``EXACT_MAX_ROWS`` rows, IVF-Flat above
@@ -27,7 +30,7 @@ from torch import nn
 
 from .errors import InstdiscError
 
-__all__ = ["BankNeighbours", "search_bank", "missing_as_nan", "cluster_bank", "cluster_purity", "neighbour_stability", "label_agreement", "NEIGHBOUR_INDEXES",
+__all__ = ["BankNeighbours", "search_bank", "missing_as_nan", "select_confident", "cluster_bank", "cluster_purity", "neighbour_stability", "label_agreement", "NEIGHBOUR_INDEXES",
            "EXACT_MAX_ROWS", "IVF_NPROBE", "ivf_nlist", "resolve_index_kind"]
 
 log = logging.getLogger(__name__)
@@ -81,9 +84,27 @@ def missing_as_nan(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return scores.float().masked_fill(slots < 0, float("nan"))
 
 
-def cluster_bank(memory: torch.Tensor, c: int, *, seed: int = 0, niter: int = 20) -> torch.Tensor:
+def select_confident(slots: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``slots`` (N, k) with every pair outside the ``fraction`` of found pairs (slot >= 0) of the largest ``scores``
+    (N, k cosines) set to -1: round(fraction x found) pairs are kept, ties broken by table order (row-major).
+    AND's idea (Huang et al. 2019): the neighbourhoods the bank is most sure of first."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise InstdiscError(f"neighbour selection must be in (0, 1], got {fraction}")
+    found = slots >= 0  # N x k
+    keep_n = int(round(fraction * int(found.sum())))
+    flat = scores.double().masked_fill(~found, -float("inf")).flatten()  # N*k
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep_n]
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order] = True
+    return slots.masked_fill(~keep.view_as(slots), -1)
+
+
+def cluster_bank(memory: torch.Tensor, c: int, *, seed: int = 0, niter: int = 20, with_scores: bool = False):
     """(N,) int64 cluster of every row of ``memory`` (N, D) from spherical k-means with ``c`` clusters (FAISS,
-    ``niter`` iterations, seeded initialisation); each row goes to the centroid with the largest inner product."""
+    ``niter`` iterations, seeded initialisation); each row goes to the centroid with the largest inner product.
+    With ``with_scores`` also that (N,) float32 inner product (the row against its unit centroid): ``(assign,
+    scores)``."""
     import faiss
 
     n, c = memory.shape[0], int(c)
@@ -93,13 +114,15 @@ def cluster_bank(memory: torch.Tensor, c: int, *, seed: int = 0, niter: int = 20
     km = faiss.Kmeans(x.shape[1], c, niter=int(niter), seed=int(seed) % (2 ** 31), spherical=True,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, -(-n // c)), verbose=False)
     km.train(x)
-    _, ids = km.index.search(x, 1)  # (N, 1)
-    return torch.from_numpy(ids[:, 0].astype(np.int64))
+    sims, ids = km.index.search(x, 1)  # (N, 1), (N, 1)
+    assign = torch.from_numpy(ids[:, 0].astype(np.int64))
+    return (assign, torch.from_numpy(sims[:, 0].astype(np.float32))) if with_scores else assign
 
 
 def neighbour_stability(old: torch.Tensor, new: torch.Tensor) -> float:
-    """Mean over rows of |old_i ∩ new_i| / k: the share of each slot's neighbours kept by a refresh (1 = none
-    changed). old, new: (N, k) slots; -1 entries never match."""
+    """Share of the (slot, neighbour) pairs of ``old`` that ``new`` still holds: sum_i |old_i ∩ new_i| / |old|
+    (1 = none lost; with full tables the mean over rows of |old_i ∩ new_i| / k). old, new: (N, k) slots; -1 entries
+    are no pair (never counted, never matched); nan when ``old`` holds none."""
     if old.shape != new.shape:
         raise InstdiscError(f"neighbour tables differ in shape: {tuple(old.shape)} vs {tuple(new.shape)}")
     kept = 0
@@ -107,7 +130,8 @@ def neighbour_stability(old: torch.Tensor, new: torch.Tensor) -> float:
         a, b = old[s:s + _STABILITY_BLOCK_ROWS], new[s:s + _STABILITY_BLOCK_ROWS]
         same = (a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)  # rows x k x k
         kept += int(same.any(dim=2).sum())
-    return kept / max(1, old.numel())
+    present = int((old >= 0).sum())
+    return kept / present if present else float("nan")
 
 
 def label_agreement(slots: torch.Tensor, labels) -> float:
@@ -145,13 +169,15 @@ class BankNeighbours(nn.Module):
         k: neighbours per slot, 0 <= k < N (0: no neighbour table, clusters only).
         index: "auto" | "flat" | "ivf" (see search_bank).
         clusters: C, k-means clusters over the bank at every refresh (0: none; else 2 <= C <= N).
+        select: share of the table's (slot, neighbour) pairs kept at each refresh, those of the largest cosine,
+            and share of the slots kept in a cluster, those nearest their centroid (select_confident; 1: all).
     """
 
     slots: torch.Tensor
     assign: torch.Tensor
     refreshes: torch.Tensor
 
-    def __init__(self, n_data: int, k: int, *, index: str = "auto", clusters: int = 0) -> None:
+    def __init__(self, n_data: int, k: int, *, index: str = "auto", clusters: int = 0, select: float = 1.0) -> None:
         super().__init__()
         n_data, k, clusters = int(n_data), int(k), int(clusters)
         if not 0 <= k < n_data:
@@ -160,15 +186,17 @@ class BankNeighbours(nn.Module):
             raise InstdiscError(f"clusters C must satisfy 2 <= C <= N, got C={clusters} with N={n_data}")
         if not (k or clusters):
             raise InstdiscError("BankNeighbours needs neighbours k >= 1 or clusters C >= 2")
+        if not 0.0 < float(select) <= 1.0:
+            raise InstdiscError(f"neighbour selection must be in (0, 1], got {select}")
         resolve_index_kind(index, n_data)
-        self.n_data, self.k, self.index, self.clusters = n_data, k, index, clusters
+        self.n_data, self.k, self.index, self.clusters, self.select = n_data, k, index, clusters, float(select)
         self.register_buffer("slots", torch.full((n_data, k), -1, dtype=torch.int64), persistent=True)  # N x k
         self.register_buffer("assign", torch.full((n_data,), -1, dtype=torch.int64), persistent=True)  # N
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64), persistent=True)
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, k={self.k}, clusters={self.clusters}, index={self.index!r}, "
-                f"refreshes={int(self.refreshes)}")
+                f"select={self.select}, refreshes={int(self.refreshes)}")
 
     @property
     def ready(self) -> bool:
@@ -176,7 +204,7 @@ class BankNeighbours(nn.Module):
         return bool(self.refreshes > 0)
 
     def of(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, k) neighbour slots of the slots ``idx`` (B,)."""
+        """(B, k) neighbour slots of the slots ``idx`` (B,); -1 where there is none."""
         return self.slots.index_select(0, idx.to(self.slots.device))
 
     @torch.no_grad()
@@ -191,18 +219,27 @@ class BankNeighbours(nn.Module):
     def refresh(self, memory: torch.Tensor, *, seed: int = 0) -> dict:
         """Search the whole bank ``memory`` (N, D, global slot order) and replace the table. Returns
         {"neighbour_stability": share of neighbours kept (nan at the first search), "neighbour_seconds": search
-        time, "neighbour_index": "flat" | "ivf"}."""
+        time, "neighbour_index": "flat" | "ivf", and with k > 0 "neighbour_selected": share of the table's pairs
+        that hold a neighbour}."""
         if tuple(memory.shape[:1]) != (self.n_data,):
             raise InstdiscError(f"refresh expects the whole ({self.n_data}, D) bank, got {tuple(memory.shape)}")
         t0 = time.perf_counter()
         stats = {"neighbour_stability": float("nan")}
         if self.k:
-            new = search_bank(memory, self.k, kind=self.index, seed=seed).to(self.slots.device)  # N x k
+            new, scores = search_bank(memory, self.k, kind=self.index, seed=seed, with_scores=True)  # N x k, N x k
+            if self.select < 1.0:
+                new = select_confident(new, scores, self.select)
+            new = new.to(self.slots.device)
+            stats["neighbour_selected"] = float((new >= 0).float().mean())
             if self.ready:
                 stats["neighbour_stability"] = neighbour_stability(self.slots, new)
             self.slots.copy_(new)
         if self.clusters:
-            self.assign.copy_(cluster_bank(memory, self.clusters, seed=seed).to(self.assign.device))
+            assign, scores = cluster_bank(memory, self.clusters, seed=seed, with_scores=True)  # N, N
+            if self.select < 1.0:  # the members nearest their centroid stay, the others join no cluster (-1)
+                assign = select_confident(assign[:, None], scores[:, None], self.select)[:, 0]
+            self.assign.copy_(assign.to(self.assign.device))
+            stats["cluster_selected"] = float((assign >= 0).float().mean())
         self.refreshes += 1
         return {**stats, "neighbour_seconds": time.perf_counter() - t0,
                 "neighbour_index": resolve_index_kind(self.index, self.n_data)}

@@ -47,6 +47,7 @@ def build_model(cfg, *, n_data: int, in_channels: int, image_size: int, generato
                               loss=cfg.loss, negatives=cfg.negatives, positive=cfg.positive, in_batch=cfg.in_batch,
                               z_mode=cfg.z_mode, bank_weight=cfg.bank_weight, bank_dtype=BANK_DTYPES[cfg.bank_dtype],
                               neighbours=cfg.neighbours, neighbour_index=cfg.neighbour_index, clusters=cfg.clusters,
+                              neighbour_select=cfg.neighbour_select,
                               generator=generator, draw_bank=draw_bank, **objective_args)
     return InstDiscModel(encoder, head, objective)
 

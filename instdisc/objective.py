@@ -249,7 +249,7 @@ class Objective(nn.Module):
                  loss: str = "nce", negatives: str = "per-sample", positive: str = "bank", in_batch: bool = False,
                  z_mode: str = "first-batch", z_momentum: float = 0.99, bank_dtype: torch.dtype = torch.float32,
                  bank_weight: float = 0.5, neighbours: int = 0, neighbour_index: str = "auto", clusters: int = 0,
-                 generator: torch.Generator | None = None, draw_bank: bool = True) -> None:
+                 neighbour_select: float = 1.0, generator: torch.Generator | None = None, draw_bank: bool = True) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise InstdiscError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -300,8 +300,8 @@ class Objective(nn.Module):
         if clusters and not (loss == "infonce" and in_batch and positive in ("view", "view+bank")):
             raise InstdiscError("clusters > 0 needs loss='infonce', in_batch=True and positive 'view' or 'view+bank' "
                                 "(same-cluster samples of the batch join the view term's positive)")
-        self.neighbours = (BankNeighbours(n_data, neighbours, index=neighbour_index, clusters=clusters)
-                           if neighbours or clusters else None)
+        self.neighbours = (BankNeighbours(n_data, neighbours, index=neighbour_index, clusters=clusters,
+                                          select=neighbour_select) if neighbours or clusters else None)
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, dim={self.dim}, k={self.k}, tau={self.tau}, m={self.m}, "
@@ -347,11 +347,16 @@ class Objective(nn.Module):
                 loss = (1.0 - self.bank_weight) * view + self.bank_weight * loss
             return loss, stats
         nan = zs.new_tensor(float("nan"))
-        own_set, nb_mean = own, nan  # B: the bank term's positive, z_i . v_idx_i or log-sum-exp over {i} ∪ N(i)
+        own_set, nb_sum, nb_count = own, nan, nan  # own_set (B): the bank term's positive, z_i . v_idx_i or
+        # log-sum-exp over {i} ∪ N(i); nb_sum / nb_count: the mean logit of the neighbours present
         if self.neighbours is not None and self.neighbours.ready and self.neighbours.k:
-            nb_logits = self._slot_logits(zs, self.neighbours.of(idx))  # B x k_nb, z_i . v_j / tau, j in N(idx_i)
+            nb_slots = self.neighbours.of(idx)  # B x k_nb GLOBAL slots, -1: none (not found or not selected)
+            nb_logits = self._slot_logits(zs, nb_slots.clamp(min=0))  # B x k_nb, z_i . v_j / tau, j in N(idx_i)
+            nb_logits = nb_logits.masked_fill(nb_slots < 0, -float("inf"))  # absent neighbours leave the set
             own_set = torch.logsumexp(torch.cat([own[:, None], nb_logits], dim=1), dim=1)  # B
-            nb_mean = nb_logits.detach().mean()
+            present = torch.isfinite(nb_logits.detach())  # B x k_nb
+            nb_sum = nb_logits.detach().masked_fill(~present, 0.0).sum() / present.shape[0]  # per sample
+            nb_count = present.sum() / present.shape[0]  # per sample: a ratio of two means sums over ranks exactly
         pos = own_set if self.positive == "bank" else (zs * z_pos).sum(dim=1)  # B
         inb_mean, bank_share = nan, zs.new_tensor(1.0)
 
@@ -392,8 +397,10 @@ class Objective(nn.Module):
             neg_mean = neg.detach().mean() if self.k else nan
 
         values = torch.stack([loss.detach().float(), pos.detach().float().mean(), neg_mean.float(),
-                              own.detach().float().mean(), inb_mean.float(), bank_share.float(), nb_mean.float()])
-        loss_v, pos_v, neg_v, own_v, inb_v, share_v, nb_v = self._mean_stats(values).tolist()
+                              own.detach().float().mean(), inb_mean.float(), bank_share.float(), nb_sum.float(),
+                              nb_count.float()])
+        loss_v, pos_v, neg_v, own_v, inb_v, share_v, nb_s, nb_c = self._mean_stats(values).tolist()
+        nb_v = nb_s / nb_c if nb_c > 0 else float("nan")
         log_z = float(self.z.log_z) if self.loss_name == "nce" else float("nan")
         stats = {"loss": loss_v, "pos_sim": pos_v * self.tau, "neg_sim": neg_v * self.tau, "log_z": log_z,
                  "own_sim": own_v * self.tau, "inbatch_sim": inb_v * self.tau, "bank_share": share_v,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from instdisc.bank_neighbours import (EXACT_MAX_ROWS, BankNeighbours, cluster_bank, cluster_purity, label_agreement,
-                                      neighbour_stability, resolve_index_kind, search_bank)
+                                      neighbour_stability, resolve_index_kind, search_bank, select_confident)
 from instdisc.errors import InstdiscError
 
 
@@ -69,8 +69,11 @@ def test_auto_kind_is_exact_up_to_the_bound():
 def test_stability_hand_built():
     old = torch.tensor([[1, 2], [0, 2], [-1, -1]])
     new = torch.tensor([[2, 3], [2, 0], [0, 1]])
-    # row 0 keeps 2 of {1, 2} -> 1/2; row 1 keeps both (order does not matter) -> 1; row 2 had none -> 0
-    assert neighbour_stability(old, new) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    # old holds 4 pairs (row 2 none): row 0 keeps 2 of {1, 2}, row 1 keeps both (order does not matter) -> 3 / 4
+    assert neighbour_stability(old, new) == pytest.approx(3 / 4)
+    assert neighbour_stability(torch.tensor([[1, 2], [0, 2]]), torch.tensor([[2, 0], [0, 1]])) == pytest.approx(
+        (0.5 + 0.5) / 2)  # full tables: the mean over rows of |old_i ∩ new_i| / k
+    assert math.isnan(neighbour_stability(torch.full((2, 2), -1), new[:2]))  # no pair to keep
     with pytest.raises(InstdiscError, match="differ in shape"):
         neighbour_stability(old, new[:, :1])
 
@@ -134,3 +137,66 @@ def test_clusters_refresh_and_set_clusters():
         nb.set_clusters(torch.zeros(3))
     with pytest.raises(InstdiscError, match="needs neighbours k >= 1 or clusters"):
         BankNeighbours(40, 0)
+
+
+def test_cluster_selection_keeps_the_members_nearest_their_centroid():
+    """Three clusters around e0, e1, e2 in 8-D, members e_c ± a e_5 and e_c ± b e_6 (normalised), so each centroid
+    is e_c exactly and a member's cosine to it is 1 / sqrt(1 + a^2): with select 0.5 the six members of the
+    smaller offsets (a = 0.1, 0.2, 0.3 against b = 0.5, 0.6, 0.7) keep their cluster, the other six get -1."""
+    rows, near = [], []
+    for c, (a, b) in enumerate([(0.1, 0.5), (0.2, 0.6), (0.3, 0.7)]):
+        for off, sign, is_near in [(a, 1, True), (a, -1, True), (b, 1, False), (b, -1, False)]:
+            v = torch.zeros(8, dtype=torch.float64)
+            v[c], v[5 if is_near else 6] = 1.0, sign * off
+            rows.append(v / v.norm())
+            near.append(is_near)
+    memory = torch.stack(rows).float()  # 12 x 8
+    full, scores = cluster_bank(memory, 3, seed=0, with_scores=True)
+    assert [len(set(full[i:i + 4].tolist())) for i in (0, 4, 8)] == [1, 1, 1] and len(set(full.tolist())) == 3
+    want = [1.0 / math.sqrt(1 + x * x) for x in (0.1, 0.1, 0.5, 0.5, 0.2, 0.2, 0.6, 0.6, 0.3, 0.3, 0.7, 0.7)]
+    torch.testing.assert_close(scores.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+    nb = BankNeighbours(12, 0, clusters=3, select=0.5)
+    stats = nb.refresh(memory)
+    assert nb.assign.tolist() == [int(full[i]) if near[i] else -1 for i in range(12)]
+    assert stats["cluster_selected"] == 0.5
+
+
+def select_confident_py(slots, scores, fraction):
+    """From the definition: keep the round(fraction x found) found pairs of the largest score (ties: row-major
+    order), -1 elsewhere."""
+    pairs = [(scores[i][j], i * len(slots[0]) + j) for i in range(len(slots)) for j in range(len(slots[0]))
+             if slots[i][j] >= 0]
+    pairs.sort(key=lambda t: (-t[0], t[1]))
+    keep = {p for _, p in pairs[:int(round(fraction * len(pairs)))]}
+    return [[slots[i][j] if i * len(slots[0]) + j in keep else -1 for j in range(len(slots[0]))]
+            for i in range(len(slots))]
+
+
+def test_select_confident_hand_built():
+    slots = torch.tensor([[1, 2], [0, 2], [1, -1]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.5], [0.7, float("nan")]])
+    # 5 pairs found; 0.6 of them -> the 3 of the largest cosine: 0.9, 0.8, 0.7
+    assert select_confident(slots, scores, 0.6).tolist() == [[1, -1], [0, -1], [1, -1]]
+    assert select_confident(slots, scores, 1.0).tolist() == slots.tolist()
+    assert select_confident(slots, scores, 0.2).tolist() == [[1, -1], [-1, -1], [-1, -1]]
+    ties = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.0]])  # equal scores: the table's row-major order decides
+    assert select_confident(slots, ties, 0.6).tolist() == [[1, 2], [0, -1], [-1, -1]]
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(InstdiscError, match=r"neighbour selection must be in \(0, 1\]"):
+            select_confident(slots, scores, bad)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.37, 0.5, 1.0])
+def test_refresh_with_selection_keeps_the_most_similar_pairs(fraction):
+    """BankNeighbours(select=f): the float64 brute-force table, then the share f of its pairs of the largest
+    cosine (select_confident_py), against the FAISS path."""
+    memory = _bank(40, seed=7)
+    nb = BankNeighbours(40, 5, select=fraction)
+    stats = nb.refresh(memory)
+    table = brute_force_py(memory, 5)
+    mem = memory.double()
+    scores = [[float(mem[i] @ mem[j]) for j in row] for i, row in enumerate(table)]
+    assert nb.slots.tolist() == select_confident_py(table, scores, fraction)
+    assert stats["neighbour_selected"] == pytest.approx(round(fraction * 200) / 200)
+    with pytest.raises(InstdiscError, match=r"neighbour selection must be in \(0, 1\]"):
+        BankNeighbours(40, 5, select=0.0)

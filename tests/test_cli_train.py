@@ -63,6 +63,10 @@ def test_k_that_cannot_work_is_refused_before_training(fake_mnist, tmp_path):
     r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
                                  str(tmp_path / "y"), "--bank-weight", "0"])
     assert r.exit_code == 2 and "--bank-weight must be in (0, 1], got 0.0" in r.output
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--data-root", str(fake_mnist), "--out",
+                                 str(tmp_path / "z"), "--neighbours", "3", "--neighbour-select", "1.5"])
+    assert r.exit_code == 2 and r.output.strip() == "error: --neighbour-select must be in (0, 1], got 1.5"
+    assert not (tmp_path / "z").exists()
 
 def test_tensorboard_without_the_package_one_line_exit_2(fake_mnist, tmp_path, monkeypatch):
     import sys

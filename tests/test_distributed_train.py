@@ -53,9 +53,14 @@ OBJECTIVE_CASES = {
                                                     in_batch=True, neighbours=4, bank_weight=0.7),
     "infonce-per-sample-bank-neighbours": dict(loss="infonce", negatives="per-sample", positive="bank",
                                                neighbours=2),
+    # AND's confidence selection: the same half of the pairs kept on every rank, the rest absent (-1)
+    "infonce-shared-view+bank-neighbours-select": dict(loss="infonce", negatives="shared", positive="view+bank",
+                                                       in_batch=True, neighbours=4, neighbour_select=0.5),
     # bank clusters: k-means over the gathered bank on every rank, same-cluster columns of the GLOBAL batch
     "infonce-shared-view+bank-clusters": dict(loss="infonce", negatives="shared", positive="view+bank",
                                               in_batch=True, clusters=3),
+    "infonce-shared-view+bank-clusters-select": dict(loss="infonce", negatives="shared", positive="view+bank",
+                                                     in_batch=True, clusters=3, neighbour_select=0.5),
     "infonce-view-no-bank-clusters": dict(loss="infonce", positive="view", in_batch=True, k=0, clusters=2,
                                           neighbours=0),
 }

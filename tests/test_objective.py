@@ -656,6 +656,64 @@ def test_bank_positive_neighbours_match_python_loop_reference(negatives):
     assert stats["pos_sim"] == pytest.approx(want_pos, rel=1e-6)
 
 
+def _with_holes(table, every=3):
+    """``table`` with every ``every``-th entry (row-major) set to -1: pairs a refresh did not find or select."""
+    flat = [j if (r * len(table[0]) + c) % every else -1 for r, row in enumerate(table) for c, j in enumerate(row)]
+    return [flat[r * len(table[0]):(r + 1) * len(table[0])] for r in range(len(table))]
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+@pytest.mark.parametrize("positive", ["view+bank", "bank"])
+def test_absent_neighbours_leave_the_positive_set(negatives, positive):
+    """Entries -1 in the table (--neighbour-select, or IVF finding fewer than k) are no positive: P_i = {idx_i} ∪
+    {j in N(idx_i), j >= 0}, from the definition; the batch holds a row with no neighbour left."""
+    w = 0.5 if positive == "view+bank" else 1.0
+    obj = _objective(loss="infonce", negatives=negatives, positive=positive, in_batch=positive == "view+bank",
+                     bank_weight=w, bank_dtype=F64, neighbours=3)
+    table = _with_holes(_neighbour_table(40, 3, seed=11))
+    table[7] = [-1, -1, -1]
+    _with_table(obj, table)
+    idx = torch.tensor([7, 1, 2, 20, 33])
+    z = _unit(5, 8, 3, F64).requires_grad_()
+    z_pos = _unit(5, 8, 4, F64)
+    loss, stats = obj(z, idx, z_pos=z_pos if positive == "view+bank" else None, generator=_gen(6))
+    mem, zl, zp, t = obj.bank.memory.tolist(), z.double().tolist(), z_pos.double().tolist(), obj.tau
+    neg_idx = _negatives_for(obj, 5, 6)
+    sets = [[_dot(zl[i], mem[j]) / t for j in [int(idx[i])] + [s for s in table[int(idx[i])] if s >= 0]]
+            for i in range(5)]
+    bank_neg = [[_dot(zl[i], mem[j]) / t for j in (neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist())]
+                for i in range(5)]
+    want = w * reference_set_infonce_py(sets, bank_neg)
+    if positive == "view+bank":
+        view_pos = [_dot(zl[i], zp[i]) / t for i in range(5)]
+        view_neg = [[_dot(zl[i], zp[j]) / t for j in range(5) if j != i] for i in range(5)]
+        want += (1 - w) * reference_infonce_py(view_pos, view_neg)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    nb = [x for s in sets for x in s[1:]]
+    assert stats["neighbour_sim"] == pytest.approx(sum(nb) / len(nb) * t, rel=1e-6)  # over the present ones
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_a_table_without_neighbours_is_the_plain_bank_term():
+    plain = _objective(loss="infonce", negatives="shared", positive="view+bank", in_batch=True, bank_dtype=F64)
+    empty = _with_table(_objective(loss="infonce", negatives="shared", positive="view+bank", in_batch=True,
+                                   bank_dtype=F64, neighbours=2), [[-1, -1]] * 40)
+    idx, z, zp = torch.tensor([1, 2, 3]), _unit(3, 8, 1, F64), _unit(3, 8, 2, F64)
+    assert plain(z, idx, z_pos=zp, generator=_gen(3))[0].item() == pytest.approx(
+        empty(z, idx, z_pos=zp, generator=_gen(3))[0].item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_neighbours_with_absent_entries_gradcheck(negatives):
+    obj = _objective(loss="infonce", negatives=negatives, positive="view+bank", in_batch=True, bank_dtype=F64,
+                     neighbours=3)
+    _with_table(obj, _with_holes(_neighbour_table(40, 3, seed=2), every=2))
+    idx = torch.tensor([1, 5, 9, 5])
+    z, zp = _unit(4, 8, 1, F64).requires_grad_(), _unit(4, 8, 2, F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, p: obj(q, idx, z_pos=p, generator=_gen(1))[0], (z, zp))
+
+
 def test_neighbours_closed_form_uniform_logits():
     # every logit 0: bank term = log(1 + k_nb + K) - log(1 + k_nb); view term log(B' + 1) as before
     obj = _objective(n=20, d=6, k=7, loss="infonce", positive="view+bank", in_batch=True, bank_weight=0.25,
@@ -746,12 +804,15 @@ def _with_clusters(obj, assign):
 
 @pytest.mark.parametrize("negatives", ["per-sample", "shared"])
 @pytest.mark.parametrize("positive,w,k_nb", [("view+bank", 0.5, 0), ("view+bank", 0.3, 2), ("view", 0.5, 0)])
-def test_cluster_positives_match_python_loop_reference(negatives, positive, w, k_nb):
+@pytest.mark.parametrize("holes", [False, True])
+def test_cluster_positives_match_python_loop_reference(negatives, positive, w, k_nb, holes):
     """View term: -log( sum over {z_pos_i} ∪ same-cluster other views / (pos + every in-batch column) ); the bank term
-    (view+bank) unchanged, with or without neighbours, from the definitions."""
+    (view+bank) unchanged, with or without neighbours, from the definitions. ``holes``: every fourth slot in no
+    cluster (-1, as --neighbour-select leaves the members farthest from their centroid): no positive but its own
+    view, and a plain negative for the others."""
     obj = _objective(loss="infonce", negatives=negatives, positive=positive, in_batch=True, bank_weight=w,
                      bank_dtype=F64, clusters=3, neighbours=k_nb)
-    assign = [i % 3 for i in range(40)]
+    assign = [-1 if holes and i % 4 == 0 else i % 3 for i in range(40)]
     _with_clusters(obj, assign)
     table = _neighbour_table(40, k_nb, seed=1) if k_nb else None
     if k_nb:
@@ -766,7 +827,7 @@ def test_cluster_positives_match_python_loop_reference(negatives, positive, w, k
     for i in range(6):
         pos = _dot(zl[i], zp[i]) / t
         cols = [j for j in range(6) if ids[j] != ids[i]]
-        same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]]]
+        same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]] >= 0]
         denom = math.exp(pos) + sum(math.exp(_dot(zl[i], zp[j]) / t) for j in cols)
         view += -math.log((math.exp(pos) + sum(math.exp(x) for x in same)) / denom)
     view /= 6
@@ -777,7 +838,7 @@ def test_cluster_positives_match_python_loop_reference(negatives, positive, w, k
         for i in range(6):
             pos = _dot(zl[i], zp[i]) / t
             cols = [j for j in range(6) if ids[j] != ids[i]]
-            same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]]]
+            same = [_dot(zl[i], zp[j]) / t for j in cols if assign[ids[j]] == assign[ids[i]] >= 0]
             row = neg_idx.tolist() if neg_idx.dim() == 1 else neg_idx[i].tolist()
             denom = math.exp(pos) + sum(math.exp(_dot(zl[i], zp[j]) / t) for j in cols) + \
                 sum(math.exp(_dot(zl[i], mem[j]) / t) for j in row)

@@ -352,6 +352,24 @@ def test_neighbour_settings_are_validated():
         TrainConfig.from_recipe("fast", neighbours=2, neighbour_start=-1)
     with pytest.raises(InstdiscError, match=r"--neighbours \(96\) must be smaller"):
         TrainConfig.from_recipe("fast", neighbours=96, batch_size=16, nce_k=32).validate_for_data(96)
+    for bad in (0.0, -0.5, 1.01, float("nan")):
+        with pytest.raises(InstdiscError, match=r"--neighbour-select must be in \(0, 1\]"):
+            TrainConfig.from_recipe("fast", neighbours=2, neighbour_select=bad)
+
+
+def test_selected_neighbours_are_logged_and_the_table_holds_that_share(fake_mnist, tmp_path):
+    """--neighbour-select 0.4: after each search 40 % of the neighbour pairs and of the cluster members stay (the
+    rest -1), and the epoch record says so."""
+    res = train(tiny_cfg(fake_mnist, tmp_path / "run", epochs=2, neighbours=3, clusters=4, neighbour_select=0.4))
+    epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "epoch"]
+    slots = res.model.objective.neighbours.slots
+    assert [e["neighbour_selected"] for e in epochs] == [pytest.approx(round(0.4 * slots.numel()) / slots.numel())] * 2
+    assert float((slots >= 0).float().mean()) == pytest.approx(epochs[1]["neighbour_selected"])
+    assert 0 <= epochs[1]["neighbour_stability"] <= 1 and -1 <= epochs[1]["neighbour_sim"] <= 1
+    assign = res.model.objective.neighbours.assign  # the 40 % of the images nearest their centroid keep a cluster
+    assert [e["cluster_selected"] for e in epochs] == [pytest.approx(round(0.4 * assign.numel()) / assign.numel())] * 2
+    assert int((assign >= 0).sum()) == round(0.4 * assign.numel())
 
 
 def test_large_photos_train_at_the_cpu_size_cap(tmp_path, caplog):

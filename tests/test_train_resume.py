@@ -135,11 +135,12 @@ def test_a_checkpoint_from_before_the_refactor_loads_and_resumes_as_it_did(tmp_p
     assert _state_digest(res.model.state_dict()) == want_final
 
 
-@pytest.mark.parametrize("stops,start", [([4, 3], 1), ([7], 0)])
-def test_interrupt_resume_bitwise_with_bank_neighbours(fake_mnist, tmp_path, stops, start):
-    """Bank neighbours and clusters searched at epoch ends (or right after the bank's init): a run stopped before
-    and resumed after a search ends bit for bit where the uninterrupted run does, the tables included."""
-    kw = dict(epochs=3, neighbours=3, clusters=4, neighbour_start=start)
+@pytest.mark.parametrize("stops,start,select", [([4, 3], 1, 1.0), ([7], 0, 1.0), ([4], 1, 0.5)])
+def test_interrupt_resume_bitwise_with_bank_neighbours(fake_mnist, tmp_path, stops, start, select):
+    """Bank neighbours and clusters searched at epoch ends (or right after the bank's init), all or a selected half:
+    a run stopped before and resumed after a search ends bit for bit where the uninterrupted run does, the tables
+    included."""
+    kw = dict(epochs=3, neighbours=3, clusters=4, neighbour_start=start, neighbour_select=select)
     ref = train(tiny_cfg(fake_mnist, tmp_path / "ref", **kw))
     out = tmp_path / "run"
     res = train(tiny_cfg(fake_mnist, out, **kw), stop_flag=StopAfter(stops[0]))

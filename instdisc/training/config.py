@@ -121,6 +121,8 @@ class TrainConfig:
     neighbour_start: int = 1           # first search after this many epochs (0: right after the bank's init)
     neighbour_every: int = 1           # then every this many epochs
     neighbour_index: str = "auto"      # auto | flat | ivf (FAISS; auto: exact up to 60k rows)
+    neighbour_select: float = 1.0      # share of (slot, neighbour) pairs / cluster members kept per search: the
+    #                                    most similar pairs, the members nearest their centroid (AND's selection)
     clusters: int = 0                  # C: k-means clusters over the bank; same-cluster batch samples are positives
     cluster_source: str = "bank"       # bank | labels (the label oracle: a ceiling for benchmarks, never a method)
     in_batch: bool = True
@@ -209,6 +211,8 @@ class TrainConfig:
         if self.clusters and not (self.loss == "infonce" and self.in_batch and self.positive in ("view", "view+bank")):
             bad("--clusters needs --loss infonce, --in-batch and --positive view+bank (or view): same-cluster samples "
                 "of the batch join the view term's positive")
+        if not 0.0 < self.neighbour_select <= 1.0:
+            bad(f"--neighbour-select must be in (0, 1], got {self.neighbour_select}")
         if self.neighbour_start < 0:
             bad(f"--neighbour-start must be >= 0, got {self.neighbour_start}")
         if self.neighbour_every < 1:

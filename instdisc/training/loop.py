@@ -604,9 +604,10 @@ def _refresh_neighbours(run: _Run, epochs_done: int) -> dict:
         stats["neighbour_label_agreement"] = label_agreement(nb.slots.cpu(), run.ds.labels)
     if nb.clusters:
         stats["cluster_label_purity"] = cluster_purity(nb.assign.cpu(), run.ds.labels)
-    log.info("bank neighbours (k=%d, clusters %d, %s) searched after epoch %d in %.2fs: %.3f kept since the last "
-             "search; labels (a monitor): neighbours agree %.3f, cluster purity %.3f", nb.k, nb.clusters,
-             stats["neighbour_index"], epochs_done, stats["neighbour_seconds"], stats["neighbour_stability"],
+    log.info("bank neighbours (k=%d, clusters %d, %s) searched after epoch %d in %.2fs: %.3f of the pairs selected, "
+             "%.3f kept since the last search; labels (a monitor): neighbours agree %.3f, cluster purity %.3f", nb.k,
+             nb.clusters, stats["neighbour_index"], epochs_done, stats["neighbour_seconds"],
+             stats.get("neighbour_selected", float("nan")), stats["neighbour_stability"],
              stats.get("neighbour_label_agreement", float("nan")), stats.get("cluster_label_purity", float("nan")))
     return stats
 

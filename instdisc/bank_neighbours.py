@@ -84,13 +84,19 @@ def missing_as_nan(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return scores.float().masked_fill(slots < 0, float("nan"))
 
 
+def _check_selection(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], or the error naming it."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise InstdiscError(f"neighbour selection must be in (0, 1], got {fraction}")
+    return fraction
+
+
 def select_confident(slots: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """``slots`` (N, k) with every pair outside the ``fraction`` of found pairs (slot >= 0) of the largest ``scores``
     (N, k cosines) set to -1: round(fraction x found) pairs are kept, ties broken by table order (row-major).
     AND's idea (Huang et al. 2019): the neighbourhoods the bank is most sure of first."""
-    fraction = float(fraction)
-    if not 0.0 < fraction <= 1.0:
-        raise InstdiscError(f"neighbour selection must be in (0, 1], got {fraction}")
+    fraction = _check_selection(fraction)
     found = slots >= 0  # N x k
     keep_n = int(round(fraction * int(found.sum())))
     flat = scores.double().masked_fill(~found, -float("inf")).flatten()  # N*k
@@ -186,10 +192,9 @@ class BankNeighbours(nn.Module):
             raise InstdiscError(f"clusters C must satisfy 2 <= C <= N, got C={clusters} with N={n_data}")
         if not (k or clusters):
             raise InstdiscError("BankNeighbours needs neighbours k >= 1 or clusters C >= 2")
-        if not 0.0 < float(select) <= 1.0:
-            raise InstdiscError(f"neighbour selection must be in (0, 1], got {select}")
+        select = _check_selection(select)
         resolve_index_kind(index, n_data)
-        self.n_data, self.k, self.index, self.clusters, self.select = n_data, k, index, clusters, float(select)
+        self.n_data, self.k, self.index, self.clusters, self.select = n_data, k, index, clusters, select
         self.register_buffer("slots", torch.full((n_data, k), -1, dtype=torch.int64), persistent=True)  # N x k
         self.register_buffer("assign", torch.full((n_data,), -1, dtype=torch.int64), persistent=True)  # N
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64), persistent=True)

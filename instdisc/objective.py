@@ -352,9 +352,9 @@ class Objective(nn.Module):
         if self.neighbours is not None and self.neighbours.ready and self.neighbours.k:
             nb_slots = self.neighbours.of(idx)  # B x k_nb GLOBAL slots, -1: none (not found or not selected)
             nb_logits = self._slot_logits(zs, nb_slots.clamp(min=0))  # B x k_nb, z_i . v_j / tau, j in N(idx_i)
-            nb_logits = nb_logits.masked_fill(nb_slots < 0, -float("inf"))  # absent neighbours leave the set
+            present = nb_slots >= 0  # B x k_nb
+            nb_logits = nb_logits.masked_fill(~present, -float("inf"))  # absent neighbours leave the set
             own_set = torch.logsumexp(torch.cat([own[:, None], nb_logits], dim=1), dim=1)  # B
-            present = torch.isfinite(nb_logits.detach())  # B x k_nb
             nb_sum = nb_logits.detach().masked_fill(~present, 0.0).sum() / present.shape[0]  # per sample
             nb_count = present.sum() / present.shape[0]  # per sample: a ratio of two means sums over ranks exactly
         pos = own_set if self.positive == "bank" else (zs * z_pos).sum(dim=1)  # B

@@ -80,7 +80,7 @@ def run(args, device: torch.device | None = None) -> dict:
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     x = torch.randn(2 * args.batch_size, 1, 28, 28).to(device)  # (2B, C, S, S): two views of B images
-    amp = resolve_amp(True, device)
+    amp = resolve_amp(getattr(args, "amp", True), device)  # bf16 autocast where instdisc train would use it
     variants = [Variant(n, x, amp) for n in args.variants]
     for v in variants:  # warm-up
         v.step()
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256, help="images per step (x 2 views)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     type=lambda s: [v for v in s.split(",") if v], help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--no-amp", dest="amp", action="store_false",
+                    help="float32 even where bf16 autocast is available (its gradients differ in bf16 rounding)")
     ap.add_argument("--json-out", default=str(_machine.REPO / "benchmarks" / "results" / "bench_encoder_variants.json"))
     args = ap.parse_args()
     bad = [v for v in args.variants if v not in VARIANTS]

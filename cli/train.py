@@ -19,7 +19,8 @@ from .app import cli, data_options
 @click.option("--out", "out", required=True, type=click.Path(), help="Run directory (checkpoint, config, metrics).")
 @data_options
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
-              help="fast: learns quickly on a CPU budget; paper: InstDisc exactly (NCE, bank positive, per-sample K).")
+              help="fast: learns quickly on a CPU budget; neighbours: fast with the bank's 10 nearest rows as extra "
+              "positives (AND-style, docs/bank.md); paper: InstDisc exactly (NCE, bank positive, per-sample K).")
 @click.option("--arch", default=None, help=f"Encoder: {', '.join(list_encoders())}, or timm:NAME for any timm model "
               f"(needs the [timm] extra; list the names with: {TIMM_LIST_HINT}) [default: convnet-s-pool2]. The "
               f"convnets drop stride-2 layers on tiny images (the last map stays >= 4 px); NAME@D sets D of them.")

@@ -10,7 +10,9 @@ import bench_encoder_variants as bev  # noqa: E402
 
 
 def test_tiny_run_gives_a_row_per_variant_and_same_gradients():
-    args = argparse.Namespace(rounds=2, batch_size=4, variants=["eager", "contiguous", "no-mkldnn"])
+    # float32: on a CPU with native bf16 the variants' bf16 kernels round differently (up to ~7 % of the largest
+    # gradient), which would hide what this checks: the same computation in another layout
+    args = argparse.Namespace(rounds=2, batch_size=4, variants=["eager", "contiguous", "no-mkldnn"], amp=False)
     res = bev.run(args)
     assert [r["variant"] for r in res["rows"]] == args.variants and res["views"] == 8
     assert res["rows"][0]["speedup"] == 1.0 and all(r["ms"] > 0 for r in res["rows"])

@@ -46,6 +46,33 @@ def test_no_bank_control_and_view_plus_bank_settings():
         TrainConfig.from_recipe("fast", positive="view+bank", loss="nce", in_batch=False)
 
 
+def test_neighbours_recipe_is_fast_with_bank_neighbours():
+    fast, nb = TrainConfig.from_recipe("fast"), TrainConfig.from_recipe("neighbours")
+    assert nb.neighbours == 10 and fast.neighbours == 0
+    assert {k: v for k, v in nb.to_dict().items() if k not in ("neighbours", "recipe")} == \
+        {k: v for k, v in fast.to_dict().items() if k not in ("neighbours", "recipe")}
+    assert TrainConfig.from_recipe("neighbours", neighbours=3).neighbours == 3  # a flag wins
+    # the no-bank control of this recipe: no bank to search, so no neighbours either (unless asked, then refused)
+    assert TrainConfig.from_recipe("neighbours", nce_k=0).neighbours == 0
+    with pytest.raises(InstdiscError, match="--neighbours needs .* bank negatives"):
+        TrainConfig.from_recipe("neighbours", nce_k=0, neighbours=10)
+
+
+@pytest.mark.parametrize("n,k_nb", [(60000, 10), (200, 10), (199, 9), (100, 5), (40, 2), (19, 0)])
+def test_recipe_neighbours_shrink_on_small_data(n, k_nb):
+    cfg = TrainConfig.from_recipe("neighbours", nce_k=1)
+    line = cfg.resolve_for_data(n)
+    assert cfg.neighbours == k_nb
+    if k_nb == 10:
+        assert line is None
+    else:
+        assert f"the recipe's 10 on {n} images" in line and ("off" if k_nb == 0 else f"k = {k_nb}") in line
+    cfg.validate_for_data(n)
+    explicit = TrainConfig.from_recipe("fast", nce_k=1, neighbours=10)  # an explicit k is kept, and refused if it
+    explicit.resolve_for_data(n)  # cannot work
+    assert explicit.neighbours == 10
+
+
 def test_jitter_setting():
     assert TrainConfig.from_recipe("fast").jitter == 0.4 and TrainConfig.from_recipe("paper").jitter == 0.4
     assert TrainConfig.from_recipe("fast", jitter=0.8).jitter == 0.8
@@ -83,7 +110,7 @@ def test_unknown_recipe_and_keys():
 def test_recipes_are_valid():
     """Every recipe builds a config that passes validation, carries each of the recipe's values (they win over the
     dataclass defaults), names its recipe, survives a to_dict / from_dict round trip and fits a dataset."""
-    assert set(RECIPES) == {"fast", "paper"}
+    assert set(RECIPES) == {"fast", "neighbours", "paper"}
     defaults = TrainConfig()
     for name, values in RECIPES.items():
         cfg = TrainConfig.from_recipe(name)

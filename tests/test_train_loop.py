@@ -317,6 +317,18 @@ def test_bank_neighbours_are_searched_logged_and_used(fake_mnist, tmp_path):
     assert epochs[1]["neighbour_label_agreement"] == pytest.approx(label_agreement(obj.neighbours.slots, labels))
 
 
+def test_neighbours_recipe_trains_with_neighbours_sized_to_the_data(fake_mnist, tmp_path):
+    """--recipe neighbours on 96 images: the recipe's 10 neighbours shrink to 96 // 20 = 4, said in the log line,
+    recorded in config.json, and the table searched after epoch 1 has 4 columns."""
+    res = train(tiny_cfg(fake_mnist, tmp_path / "run", epochs=2, recipe="neighbours", nce_k=None))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["recipe"] == "neighbours" and cfg["neighbours"] == 4
+    assert tuple(res.model.objective.neighbours.slots.shape) == (96, 4)
+    epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "epoch"]
+    assert epochs[1]["neighbour_sim"] is not None and epochs[1]["neighbour_stability"] is not None
+
+
 def test_clusters_are_logged_and_the_label_oracle_uses_the_labels(fake_mnist, tmp_path):
     from instdisc.bank_neighbours import cluster_purity
 

@@ -30,10 +30,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cluster_source": ("bank", "labels"), "compile": COMPILE_MODES,
 }
 
-# Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "paper" is InstDisc as published.
+# Named recipes: "fast" learns quickly on a CPU budget (measured, see README); "neighbours" is fast with the bank's
+# 10 nearest rows joining the bank term's positive (AND-style, docs/bank.md); "paper" is InstDisc as published.
+_FAST = dict(loss="infonce", positive="view+bank", negatives="shared", in_batch=True, bank_init="encoder",
+             head="mlp", lr=0.2, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2)
 RECIPES: dict[str, dict] = {
-    "fast": dict(loss="infonce", positive="view+bank", negatives="shared", in_batch=True, bank_init="encoder",
-                 head="mlp", lr=0.2, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.2),
+    "fast": dict(_FAST),
+    "neighbours": dict(_FAST, neighbours=10),
     "paper": dict(loss="nce", positive="bank", negatives="per-sample", in_batch=False, bank_init="random",
                   head="linear", lr=0.03, weight_decay=5e-4, schedule="step", warmup_epochs=0.0, z_mode="first-batch",
                   views=1),
@@ -50,6 +53,8 @@ DEFAULT_EPOCHS = 10
 DEFAULT_BATCH = 256
 SMALL_DATA_MIN_BATCH = 64
 MIN_STEPS = 1500
+
+NEIGHBOUR_SHARE = 20  # a recipe's bank neighbours are at most N / 20 images (resolve_for_data): 10 from 200 up
 
 CROP_MIN = CROP_SCALE[0]  # InstDisc's RandomResizedCrop scale (0.2, 1)
 TINY_SIDE = 24  # images under this side get a larger smallest crop (crop_min_for)
@@ -155,7 +160,10 @@ class TrainConfig:
         if recipe not in RECIPES:
             raise InstdiscError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
         values = dict(RECIPES[recipe])
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("nce_k") == 0 and "neighbours" not in given:
+            values.pop("neighbours", None)  # the no-bank control: no bank to search either
+        values.update(given)
         values["recipe"] = recipe
         cfg = cls(**values)
         cfg.validate()
@@ -282,11 +290,18 @@ class TrainConfig:
     def resolve_for_data(self, n_data: int) -> str | None:
         """Fill in what depends on the dataset size (K when --nce-k was not given); returns a line saying what was
         chosen, or None."""
+        lines = []
         if self.nce_k is None:
             self.nce_k = auto_k(n_data)
             why = "the default" if self.nce_k == DEFAULT_K else f"half of the {n_data} images (default {DEFAULT_K})"
-            return f"bank negatives K = {self.nce_k} ({why}; set --nce-k to choose)"
-        return None
+            lines.append(f"bank negatives K = {self.nce_k} ({why}; set --nce-k to choose)")
+        recipe_nb = RECIPES.get(self.recipe, {}).get("neighbours", 0)
+        if recipe_nb and self.neighbours == recipe_nb and self.neighbours > n_data // NEIGHBOUR_SHARE:
+            self.neighbours = n_data // NEIGHBOUR_SHARE  # small data: the recipe's k_nb, at most N / 20 (0: off)
+            k_text = f"k = {self.neighbours}" if self.neighbours else "off"
+            lines.append(f"bank neighbours {k_text} (the recipe's {recipe_nb} on {n_data} images, at most one in "
+                         f"{NEIGHBOUR_SHARE}; set --neighbours to choose)")
+        return "; ".join(lines) or None
 
     def resolve_for_images(self, image_size: int) -> str | None:
         """Fill in the crop scale when it was not given (:func:`crop_min_for`); returns a line when it differs from

@@ -90,8 +90,10 @@ RUN_BEFORE_ONE_LOOP_FINAL = "b9116574db8769cd0f7c72360d805b0ea261467cffe607a8c5c
 # recorded on. The checkpoint above and its final digest come from an AVX512 CPU. On AVX2 CPUs (without AVX512) the
 # references are the digests the code of commit 2b1c3fa (the stop before the bank-neighbour change, which passed
 # this test on AVX512) computed on an AVX2 AMD EPYC: its fresh first epoch, and the old checkpoint resumed to 2.
-BEFORE_ONE_LOOP_REFERENCES = {  # the CPU (_cpu_kind, else its capability alone) -> (fresh epoch 1, final digest),
-    # computed by the pre-change code (6c6112e^) on such a CPU; without an entry, the run's own (AMD AVX512) digests
+# On Intel AVX512 CPUs (float32 kernels differ from AMD's of the same capability) they are what the code before the
+# one-loop refactor (6c6112e^) computed on a 2-core Intel Xeon with AMX, today's code computing the same.
+BEFORE_ONE_LOOP_REFERENCES = {  # _cpu_kind(), else the capability alone -> (fresh epoch 1 digest, final digest);
+    # no entry: the checkpoint's own (AMD AVX512) digests
     "AVX2": ("0b2ec5e98274e0a6a06925fd08b048cabda3a1c34d0503d81ee04ecf506cc748",
              "edf9e09a2f8acedb76133040a47d2ed520ca16414094420163d75d9382429cb3"),
     "AVX512 GenuineIntel": ("e837652210093ebea989a0eceabd0d252be4a6753a87237fdcc3eac8a1cbe07f",

@@ -81,10 +81,9 @@ def _contrast(x, f):
     """Blend with the image's mean luma (mean luma = luma of the per-channel means, luma being linear)."""
     means = x.mean(dim=(2, 3))  # b x C
     if x.shape[1] == 3:
-        # (b,) elementwise, as rgb_to_gray: a (b, 3) @ (3,) product's kernel (and rounding) depends on b on some
-        # CPUs, and the CPU path augments a batch in chunks that must give the values of one pass
-        means = (means[:, 0] * _GRAY_WEIGHTS[0]).add_(means[:, 1], alpha=_GRAY_WEIGHTS[1]).add_(
-            means[:, 2], alpha=_GRAY_WEIGHTS[2])
+        # (b,) through rgb_to_gray's elementwise ops: a (b, 3) @ (3,) product's kernel (and rounding) depends on b
+        # on some CPUs, and the CPU path augments a batch in chunks that must give the values of one pass
+        means = rgb_to_gray(means[:, :, None, None]).view(-1)
     else:
         means = means[:, 0]
     return x.mul_(f.view(-1, 1, 1, 1)).add_(((1.0 - f) * means).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)

@@ -288,8 +288,8 @@ class TrainConfig:
             require_tensorboard()  # fail before any work when the package is missing
 
     def resolve_for_data(self, n_data: int) -> str | None:
-        """Fill in what depends on the dataset size (K when --nce-k was not given); returns a line saying what was
-        chosen, or None."""
+        """Fill in what depends on the dataset size (K when --nce-k was not given; a recipe's neighbours, at most
+        N / NEIGHBOUR_SHARE); returns a line saying what was chosen, or None."""
         lines = []
         if self.nce_k is None:
             self.nce_k = auto_k(n_data)
